@@ -1,0 +1,151 @@
+"""The `vlmtune` command: each subcommand parses its flags here and calls one function elsewhere.
+
+No logic lives here beyond argument parsing and turning errors into exit codes: a UserError prints one line
+and exits 2, a crash prints its traceback and exits 1, and a training child's exit code is passed through.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vlmtune.errors import UserError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by chat and mmbench: how to assemble a trained model for inference (as XTuner's)."""
+    p.add_argument("model_name_or_path", help="LLM folder or hub id (the base LLM for LoRA, or a merged/full LLM), "
+                   "or a `convert --save-format huggingface` folder")
+    p.add_argument("--adapter", help="LLM LoRA adapter folder (llm_adapter/ of a converted model)")
+    p.add_argument("--llava", help="folder written by `vlmtune convert pth_to_hf` (projector/, llm_adapter/, ...)")
+    p.add_argument("--visual-encoder", help="CLIP vision encoder folder or hub id")
+    p.add_argument("--visual-select-layer", type=int, default=-2)
+    p.add_argument("--prompt-template", help="template name (see docs/templates.md); default: the one the model was trained with")
+    p.add_argument("--system", default="", help="system text")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the LLM quantized")
+    p.add_argument("--torch-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (InternLM2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = argparse.ArgumentParser(prog="vlmtune", description="Train, convert, chat with and evaluate LLaVA-style models.")
+    parser.add_argument("--version", action="version", version=f"vlmtune {importlib.import_module('vlmtune').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="pretrain or finetune from a config (DeepSpeed)")
+    p.add_argument("config", help="config file or shipped config name (`vlmtune list-cfg`)")
+    p.add_argument("--deepspeed", default="deepspeed_zero2", help="DeepSpeed config name (deepspeed_zero1/2/2_offload/3/3_offload) or JSON path; 'none' trains without DeepSpeed on one process")
+    p.add_argument("--work-dir", help="default ./work_dirs/<config name>")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the latest in the work dir")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
+    p.add_argument("--launcher", choices=["none", "torchrun", "slurm"], default="none",
+                   help="slurm reads SLURM_* variables; NPROC_PER_NODE/NNODES/NODE_RANK/ADDR/PORT re-launch through torchrun")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.set_defaults(target="vlmtune.train:main")
+
+    conv = sub.add_parser("convert", help="pth_to_hf or merge").add_subparsers(dest="convert", metavar="ACTION", required=True)
+    p = conv.add_parser("pth_to_hf", help="a training checkpoint -> HF folders (xtuner / huggingface / official layout)")
+    p.add_argument("config", nargs="?", help="config (path or name); default: the one saved in the checkpoint")
+    p.add_argument("pth", help="iter_N.pth file or ZeRO checkpoint directory")
+    p.add_argument("save_dir")
+    p.add_argument("--save-format", choices=["xtuner", "huggingface", "official"], default="xtuner")
+    p.add_argument("--fp32", action="store_true", help="save in float32 instead of the training dtype")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(target="vlmtune.convert.pth_to_hf:main")
+    p = conv.add_parser("merge", help="merge a LoRA adapter into its base LLM (or CLIP with --is-clip)")
+    p.add_argument("model_name_or_path", help="base model folder or hub id")
+    p.add_argument("adapter_name_or_path")
+    p.add_argument("save_dir")
+    p.add_argument("--is-clip", action="store_true", help="the base is a CLIP vision encoder")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(target="vlmtune.convert.merge:main")
+
+    p = sub.add_parser("chat", help="chat with a trained model about images")
+    _add_model_args(p)
+    p.add_argument("--image", help="image file to talk about")
+    p.add_argument("--prompt", action="append", help="answer this prompt and exit (repeatable: one conversation)")
+    p.add_argument("--batch", help="JSONL of {image, prompt} lines; answers are written as JSONL to --output")
+    p.add_argument("--output", help="output JSONL for --batch (default stdout)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop-words", nargs="*", default=[])
+    p.add_argument("--no-streamer", action="store_true")
+    p.set_defaults(target="vlmtune.chat:main")
+
+    p = sub.add_parser("mmbench", help="MMBench / CCBench evaluation (VLMEvalKit-compatible)")
+    _add_model_args(p)
+    p.add_argument("--data-path", required=True, help="MMBench/CCBench TSV")
+    p.add_argument("--work-dir", default="./work_dirs/mmbench")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--matcher", choices=["vlmevalkit", "xtuner"], default="vlmevalkit")
+    p.add_argument("--predictions", help="re-score this predictions .xlsx without loading a model")
+    p.add_argument("--pad-image-to-square", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(target="vlmtune.eval.mmbench:main")
+
+    data = sub.add_parser("data", help="check or prepare LLaVA data").add_subparsers(dest="data", metavar="ACTION", required=True)
+    p = data.add_parser("check", help="find every problem in a LLaVA JSON dataset before training")
+    p.add_argument("data_path")
+    p.add_argument("--image-folder", required=True)
+    p.add_argument("--config", help="take tokenizer, template, max_length from this config")
+    p.add_argument("--tokenizer", help="tokenizer folder for token-length statistics")
+    p.add_argument("--prompt-template")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--image-length", type=int, default=576, help="tokens per image (576 for CLIP-L/336)")
+    p.add_argument("--report", help="JSON report path (default <data>.check.json)")
+    p.add_argument("--write-clean", help="write the good records to this JSON file")
+    p.add_argument("--workers", type=int, help="processes (default all cores)")
+    p.set_defaults(target="vlmtune.data.check:main")
+    p = data.add_parser("prepare", help="verify the LLaVA download layout and fix OCR-VQA image formats")
+    p.add_argument("root", help="the LLaVA data folder")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(target="vlmtune.data.prepare:main")
+
+    p = sub.add_parser("list-cfg", help="list shipped configs")
+    p.add_argument("-p", "--pattern", help="only names containing this")
+    p.set_defaults(target="vlmtune.configs_cli:list_cfg")
+    p = sub.add_parser("copy-cfg", help="copy a shipped config to edit it")
+    p.add_argument("config_name")
+    p.add_argument("save_dir")
+    p.set_defaults(target="vlmtune.configs_cli:copy_cfg")
+    p = sub.add_parser("make-tiny", help="build tiny offline models + example data (for the quickstart and tests)")
+    p.add_argument("root", nargs="?", default="./work_dirs/tiny")
+    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    p.set_defaults(target="vlmtune.configs_cli:make_tiny")
+    return parser
+
+
+def _resolve(target: str):
+    """The function behind a subcommand; a clear error for one that is not built yet."""
+    module_name, func = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise UserError(f"this subcommand is not built yet ({module_name}); see the open issues") from None
+        raise
+    return getattr(module, func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = _resolve(args.target)(args)
+    except UserError as e:
+        print(f"vlmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmtune: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

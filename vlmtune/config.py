@@ -1,0 +1,188 @@
+"""Config files: Python files of plain values, loaded with mmengine's Config, validated once into dataclasses.
+
+A config is given by path or by the name of a file shipped in configs/. mmengine gives `_base_` inheritance,
+`{{$ENV:default}}` substitution and `--cfg-options key=value` overrides; everything after loading is typed.
+Unknown keys and wrong types are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmtune.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """What to assemble: the LLM, the CLIP encoder, the projector, and what of them trains."""
+
+    llm_name_or_path: str
+    visual_encoder_name_or_path: str
+    visual_select_layer: int = -2
+    projector_depth: int = 2
+    freeze_llm: bool = True
+    freeze_visual_encoder: bool = True
+    llm_lora: dict | None = None  # peft LoraConfig kwargs, e.g. dict(r=512, lora_alpha=256, lora_dropout=0.05)
+    visual_encoder_lora: dict | None = None
+    quantization: str | None = None  # None, "4bit" (QLoRA nf4) or "8bit"
+    torch_dtype: str = "auto"  # auto = bf16 where supported, else fp16 on GPU / fp32 on CPU
+    trust_remote_code: bool = False
+    use_gradient_checkpointing: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it becomes tokens and pixels."""
+
+    data_path: str
+    image_folder: str
+    prompt_template: str
+    max_length: int = 2048  # counts each image as the tokens it expands to (576 for CLIP-L/336)
+    pad_image_to_square: bool = False
+    system: str = ""
+    group_by_length: bool = True  # modality-aware length grouping, as LLaVA/XTuner
+    max_bad_sample_fraction: float = 0.001  # stop the run when more samples than this are skipped
+    allowed_image_roots: list[str] = field(default_factory=list)
+    cache_dir: str | None = None  # tokenization cache; default <work_dir>/../.cache/vlmtune
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints, logging and in-training evaluation."""
+
+    batch_size: int = 1  # per device
+    accumulative_counts: int = 1
+    dataloader_num_workers: int = 0
+    max_epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides max_epochs when set
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_norm: float = 1.0
+    warmup_ratio: float = 0.03
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_interval: int = 10
+    seed: int = 42
+    pretrained_pth: str | None = None
+    evaluation_freq: int = 500
+    evaluation_images: list[str] = field(default_factory=list)
+    evaluation_inputs: list[str] = field(default_factory=list)
+    evaluation_max_new_tokens: int = 64
+
+
+@dataclass
+class Config:
+    """The whole validated config, plus where it came from and its resolved text (saved with checkpoints)."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    name: str
+    path: str
+    text: str
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, or the shipped configs/<name>.py; a user error with close names otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.py')}.py"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name_or_path, list_configs(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `vlmtune list-cfg` lists the shipped ones"
+    raise UserError(f"config {name_or_path!r} is neither a file nor a shipped config{hint}")
+
+
+def list_configs(pattern: str | None = None) -> list[str]:
+    """Names of shipped configs (without .py), optionally those containing `pattern`."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    return [n for n in names if pattern is None or pattern.lower() in n.lower()]
+
+
+def load_config(name_or_path: str, cfg_options: dict | None = None) -> Config:
+    """Load, apply overrides, validate. The only place a config file is read."""
+    from mmengine.config import Config as MMConfig
+
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = MMConfig.fromfile(str(path))
+    except Exception as e:  # syntax errors, missing _base_ files: the user's file, not our bug
+        raise UserError(f"{path}: cannot load config: {e}") from None
+    if cfg_options:
+        raw.merge_from_dict(cfg_options)
+    values = {k: v for k, v in raw.to_dict().items() if not k.startswith("_")}
+    return Config(
+        **_validate(values, path), name=path.stem, path=str(path), text=_dump_text(raw)
+    )
+
+
+def config_from_text(text: str, source: str) -> Config:
+    """Rebuild a Config from the text saved in a checkpoint (`convert` needs no config argument)."""
+    from mmengine.config import Config as MMConfig
+
+    raw = MMConfig.fromstring(text, file_format=".py")
+    values = {k: v for k, v in raw.to_dict().items() if not k.startswith("_")}
+    name = values.pop("config_name", Path(source).stem)
+    return Config(**_validate(values, Path(source)), name=name, path=source, text=text)
+
+
+def _dump_text(raw) -> str:
+    """Resolved config as Python text: plain values only, so it round-trips through `config_from_text`."""
+    return "".join(f"{k} = {v!r}\n" for k, v in raw.to_dict().items() if not k.startswith("_"))
+
+
+def _validate(values: dict, path: Path) -> dict:
+    """Split flat keys into the section dataclasses, checking names, required keys and types."""
+    known = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known and key != "config_name":
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{path}: unknown config key {key!r}{hint}")
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                kwargs[f.name] = _check_type(values[f.name], hints[f.name], f.name, path)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{path}: required config key {f.name!r} is missing")
+        out[section] = cls(**kwargs)
+    return out
+
+
+def _check_type(value, hint, key: str, path: Path):
+    """`value` converted to `hint` (int->float, list->tuple allowed); a user error naming the key otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key, path)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_check_type(v, a, key, path) for v, a in zip(value, args))
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_check_type(v, args[0], key, path) for v in value]
+    expected = origin or hint
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return dict(value) if expected is dict else value
+    raise UserError(f"{path}: config key {key!r} should be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    """Readable name of a type hint for error messages."""
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,101 @@
+"""Model assembly from a ModelConfig: load the parts, freeze, quantize, attach LoRA.
+
+The one place that decides which parameters train: `build_model` returns a LlavaModel whose
+`requires_grad` flags are final (projector always; LLM/CLIP fully, through LoRA, or not at all).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionModel
+
+from vlmtune.config import ModelConfig
+from vlmtune.errors import UserError
+from vlmtune.model.llava import LlavaModel
+from vlmtune.model.peft import add_lora
+from vlmtune.model.projector import Projector
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 where the device supports it, fp16 on older GPUs, fp32 on CPU."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise UserError(f"torch_dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    """The LLM's tokenizer; a pad token is borrowed from EOS/UNK when the tokenizer has none."""
+    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_image_processor(path: str) -> CLIPImageProcessor:
+    """The CLIP encoder's image processor (saved beside the encoder, as on the hub)."""
+    return _from_pretrained(CLIPImageProcessor, path)
+
+
+def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
+    """AutoModelForCausalLM, 4/8-bit through bitsandbytes when `quantization` is set."""
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quantization is not None:
+        if cfg.quantization not in ("4bit", "8bit"):
+            raise UserError(f"quantization {cfg.quantization!r} must be '4bit', '8bit' or None")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantization == "4bit",
+            load_in_8bit=cfg.quantization == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_threshold=6.0,
+        )
+        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+    return _from_pretrained(AutoModelForCausalLM, cfg.llm_name_or_path, **kwargs)
+
+
+def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = True) -> LlavaModel:
+    """LlavaModel with final trainable flags. `quantize=False` loads the LLM in full precision
+    (conversion and merging need real weights, not 4-bit ones)."""
+    dtype = resolve_dtype(cfg.torch_dtype)
+    llm_cfg = cfg if quantize else _without_quantization(cfg)
+    llm = load_llm(llm_cfg, dtype)
+    visual_encoder = _from_pretrained(CLIPVisionModel, cfg.visual_encoder_name_or_path, dtype=dtype)
+    projector = Projector(
+        visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, depth=cfg.projector_depth
+    ).to(dtype)
+    llm.requires_grad_(not cfg.freeze_llm and cfg.llm_lora is None)
+    visual_encoder.requires_grad_(not cfg.freeze_visual_encoder and cfg.visual_encoder_lora is None)
+    if for_training and llm_cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.use_gradient_checkpointing)
+    if cfg.llm_lora is not None:
+        llm = add_lora(llm, cfg.llm_lora, task_type="CAUSAL_LM")
+    if cfg.visual_encoder_lora is not None:
+        visual_encoder = add_lora(visual_encoder, cfg.visual_encoder_lora, task_type=None)
+    if for_training and cfg.use_gradient_checkpointing:
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return LlavaModel(llm, visual_encoder, projector, cfg.visual_select_layer)
+
+
+def _without_quantization(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` that loads the LLM in full precision."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, quantization=None)
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained` with a one-line error for a missing folder or hub id."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {cls.__name__} from {path!r}: {first}") from None

@@ -1,0 +1,127 @@
+"""The LLaVA model: CLIP encoder + projector + causal LM, and the splice that joins them.
+
+Data flow for a batch (B samples, T text ids, N images in the whole batch, P patches per image):
+
+    pixel_values [N, 3, H, W] --CLIP--> hidden_states[select_layer][:, 1:]  [N, P, Dv]  (CLS dropped)
+                              --projector--> image features [N, P, D]
+    input_ids [B, T] (IMAGE_TOKEN_INDEX marks each image) --embed--> [B, T, D]
+    splice: every image id is replaced by its P feature rows -> inputs_embeds [B, L, D], labels [B, L]
+
+Images are consumed in batch order: sample 0's images first, each sample's in the order of its image ids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlmtune.model.projector import Projector
+
+
+class LlavaModel(nn.Module):
+    """Composition of the three parts; `forward` returns the summed token loss and the token count.
+
+    The loss is returned as a sum so the trainer can divide by the number of target tokens of the whole
+    global batch: the result then does not depend on how the batch is split into micro-batches and ranks.
+    """
+
+    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2):
+        super().__init__()
+        self.llm = llm
+        self.visual_encoder = visual_encoder
+        self.projector = projector
+        self.visual_select_layer = visual_select_layer
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
+        dtype = next(self.visual_encoder.parameters()).dtype
+        out = self.visual_encoder(pixel_values.to(dtype), output_hidden_states=True)
+        features = out.hidden_states[self.visual_select_layer][:, 1:]
+        return self.projector(features.to(self.projector.model[0].weight.dtype))
+
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings with image features spliced in: inputs_embeds [B, L, D], attention_mask, labels."""
+        features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        embed = self.llm.get_input_embeddings()
+        text_embeds = embed(input_ids.clamp(min=0))  # image ids get a dummy row, overwritten below
+        return splice_image_features(text_embeds, input_ids, attention_mask, labels, features, padding_side)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of next-token losses, number of target tokens) for a right-padded batch."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values)
+        logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+        targets = inputs["labels"][:, 1:]
+        loss_sum = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        if pixel_values is None or not len(pixel_values):
+            loss_sum = loss_sum + self._touch_vision_params()
+        return loss_sum, (targets != IGNORE_INDEX).sum()
+
+    def _touch_vision_params(self) -> torch.Tensor:
+        """0 * (trainable vision/projector params): a text-only batch still gives every trainable parameter a
+        (zero) gradient, so ZeRO/DDP reductions see the same parameters on every rank and do not hang."""
+        params = [p for m in (self.visual_encoder, self.projector) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.projector.model[0].weight.device)
+        return sum(p.sum() for p in params) * 0.0
+
+
+def splice_image_features(
+    text_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    image_features: torch.Tensor | None,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Replace each IMAGE_TOKEN_INDEX of `input_ids` [B, T] by its P rows of `image_features` [N, P, D].
+
+    Vectorised: each kept token gets a width (P for an image id, 1 for text, 0 for padding); a cumulative
+    sum gives its start in the output, and text rows and image rows are scattered there in two index
+    writes. Output is padded again on `padding_side` (left for batched generation).
+    """
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    n_images = int(is_image.sum())
+    if n_images and (image_features is None or len(image_features) != n_images):
+        got = 0 if image_features is None else len(image_features)
+        raise ValueError(f"batch has {n_images} image tokens but {got} images")
+    P = image_features.shape[1] if n_images else 1
+    keep = attention_mask.bool()
+    width = torch.where(is_image, P, 1) * keep  # [B, T]
+    lengths = width.sum(1)  # [B] real length after expansion
+    B, L, D = input_ids.shape[0], int(lengths.max()), text_embeds.shape[-1]
+    offset = (L - lengths)[:, None] if padding_side == "left" else 0
+    start = width.cumsum(1) - width + offset  # [B, T] output position of each token
+
+    out = text_embeds.new_zeros(B, L, D)
+    tb, tt = (keep & ~is_image).nonzero(as_tuple=True)
+    out[tb, start[tb, tt]] = text_embeds[tb, tt]
+    if n_images:
+        ib, it = is_image.nonzero(as_tuple=True)  # row-major: the batch's image order
+        rows = start[ib, it][:, None] + torch.arange(P, device=input_ids.device)  # [N, P]
+        out[ib[:, None].expand(-1, P), rows] = image_features.to(out.dtype)
+
+    positions = torch.arange(L, device=input_ids.device)[None]
+    first = offset if padding_side == "left" else torch.zeros_like(lengths)[:, None]
+    new_mask = (positions >= first) & (positions < first + lengths[:, None])
+    result = {"inputs_embeds": out, "attention_mask": new_mask.long()}
+    if labels is not None:
+        new_labels = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        new_labels[tb, start[tb, tt]] = labels[tb, tt]
+        result["labels"] = new_labels
+    return result
