@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import STRIDE, base_questions, rotations, write_tsv
+from mmbench_tsv import STRIDE, base_questions, rotations, write_tsv
 
 from vlmtune.errors import UserError
 from vlmtune.eval.mmbench_data import MAX_IMAGE_MB, decode_image, load_mmbench
