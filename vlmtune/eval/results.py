@@ -2,13 +2,18 @@
 prediction log, and `finish_run` / `rescore`, which turn predictions into the sheet and the report.
 
 A model-driven `run_mmbench(generator, data_path, work_dir, ...)` is expected to do:
-    data = load_mmbench(data_path); run_dir = make_run_dir(work_dir); write_args(run_dir, args)
-    with PredictionStore(run_dir / "predictions.jsonl") as store:   # or a previous run's file, to resume
-        for q in data.questions: if q.index not in store.done: store.add(q.index, generate(build_prompt(q),
-                                                                                        decode_image(q)))
+
+    data = load_mmbench(data_path)
+    run_dir = make_run_dir(work_dir)
+    write_args(run_dir, args)
+    with PredictionStore(run_dir / "predictions.jsonl") as store:  # or an earlier run's file, to resume
+        todo = [q for q in data.questions if q.index not in store.done]
+        for q, text in zip(todo, generate([build_prompt(q) for q in todo], [decode_image(q) for q in todo])):
+            store.add(q.index, text)
     finish_run(data, store.done, matcher, run_dir)
+
 The sheet is the MMBench submission format on test files: the TSV's columns without `image`, plus
-`prediction` (XTuner's mmbench_result.xlsx and VLMEvalKit's prediction xlsx both load back with `rescore`).
+`prediction`. XTuner's mmbench_result.xlsx and VLMEvalKit's prediction xlsx load back with `rescore` too.
 """
 from __future__ import annotations
 
