@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain or finetune from a config (DeepSpeed)")
     p.add_argument("config", help="config file or shipped config name (`vlmtune list-cfg`)")
-    p.add_argument("--deepspeed", default="deepspeed_zero2", help="DeepSpeed config name (deepspeed_zero1/2/2_offload/3/3_offload) or JSON path; 'none' trains without DeepSpeed on one process")
+    p.add_argument("--deepspeed", default="deepspeed_zero2", help="DeepSpeed config name (deepspeed_zero1/2/2_offload/3/3_offload) or JSON path")
     p.add_argument("--work-dir", help="default ./work_dirs/<config name>")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the latest in the work dir")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take tokenizer, template, max_length from this config")
     p.add_argument("--tokenizer", help="tokenizer folder for token-length statistics")
     p.add_argument("--prompt-template")
-    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-length", type=int, help="default: the config's max_length, else 2048")
     p.add_argument("--image-length", type=int, default=576, help="tokens per image (576 for CLIP-L/336)")
     p.add_argument("--report", help="JSON report path (default <data>.check.json)")
     p.add_argument("--write-clean", help="write the good records to this JSON file")
@@ -139,7 +139,9 @@ def _resolve(target: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train` re-launches itself through torchrun with the same arguments
     try:
         code = _resolve(args.target)(args)
     except UserError as e:

@@ -1,0 +1,54 @@
+"""Launching: one process by default, torchrun when NPROC_PER_NODE/NNODES are set, or slurm's variables.
+
+The environment variables are XTuner's: NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT. The parent waits for
+torchrun and returns its exit code, so a crash in any rank makes `vlmtune train` fail.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from vlmtune.errors import UserError
+
+
+def torchrun_command(argv: list[str]) -> list[str] | None:
+    """The torchrun command line to re-launch `vlmtune <argv>`, or None when this process should just run."""
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None  # already a torchrun child
+    nproc, nnodes = os.environ.get("NPROC_PER_NODE"), os.environ.get("NNODES")
+    if not nproc and not nnodes:
+        return None
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc or 1}", f"--nnodes={nnodes or 1}", f"--node_rank={os.environ.get('NODE_RANK', 0)}",
+        f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}", f"--master_port={os.environ.get('PORT', 29500)}",
+        "-m", "vlmtune", *argv,
+    ]
+
+
+def relaunch(argv: list[str]) -> int | None:
+    """Run torchrun when the environment asks for several processes; its exit code, or None."""
+    cmd = torchrun_command(argv)
+    if cmd is None:
+        return None
+    print("vlmtune: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup_slurm() -> None:
+    """Map SLURM_* variables (one task per GPU, started by srun) to torch's RANK/WORLD_SIZE/... ."""
+    try:
+        env = os.environ
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env["SLURM_NTASKS"], env["SLURM_LOCALID"]
+    except KeyError as e:
+        raise UserError(f"--launcher slurm needs {e.args[0]}; start vlmtune with srun inside a slurm allocation") from None
+    if "ADDR" in env:
+        env["MASTER_ADDR"] = env["ADDR"]
+    elif "MASTER_ADDR" not in env:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True)
+        env["MASTER_ADDR"] = hosts.stdout.split()[0]
+    env.setdefault("MASTER_PORT", env.get("PORT", "29500"))

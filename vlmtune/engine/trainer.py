@@ -1,0 +1,169 @@
+"""The training loop: one optimizer step = `accumulative_counts` micro-batches on every rank.
+
+Loss normalisation: the model returns the SUM of token losses of a micro-batch. Before a step, every rank
+counts the target tokens of its micro-batches and the counts are summed over ranks (N). Each micro-batch
+then backpropagates loss_sum * world_size / N: DeepSpeed averages gradients over ranks (/ world_size) and
+we tell it not to divide by the accumulation count, so the step's gradient is exactly
+d(sum of all token losses of the global batch) / N, whatever the split into micro-batches and ranks.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlmtune.config import Config
+from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlmtune.engine import checkpoint
+from vlmtune.engine.distributed import DistInfo, all_reduce_sum
+from vlmtune.engine.metrics import Metrics
+from vlmtune.errors import UserError
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resume continues exactly."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped: int = 0
+    skipped_log: list = field(default_factory=list)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """LR factor: linear warmup from ~0 (XTuner's LinearLR start_factor=1e-5), then cosine decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 1e-5 + (1 - 1e-5) * step / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def micro_batches(loader, sampler, start: int):
+    """Endless stream of (epoch, batch) from micro-batch number `start` on, crossing epochs."""
+    per_epoch = len(sampler)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = offset
+        for batch in loader:
+            yield epoch, batch
+        epoch, offset = epoch + 1, 0
+
+
+def count_tokens(batch: dict, image_length: int) -> tuple[int, int]:
+    """(target tokens, real tokens after image expansion) of a collated micro-batch."""
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    n_images = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+    return targets, int(batch["attention_mask"].sum()) + n_images * (image_length - 1)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory, or peak process RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, state: TrainState,
+        image_length: int, evaluate, logger) -> TrainState:
+    """Train from `state.step` to the last step; checkpoint, log and evaluate on the way."""
+    tc = cfg.train
+    total_steps = tc.max_steps or (tc.max_epochs * len(sampler)) // tc.accumulative_counts
+    if total_steps <= 0:
+        raise UserError(f"nothing to train: {len(sampler)} micro-batches per epoch, accumulative_counts={tc.accumulative_counts}")
+    stream = micro_batches(loader, sampler, state.step * tc.accumulative_counts)
+    metrics = Metrics(work_dir, info.is_main)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
+    run_start, start_step = time.time(), state.step
+    engine.train()
+    while state.step < total_steps:
+        batches = [next(stream) for _ in range(tc.accumulative_counts)]
+        epoch = batches[-1][0]
+        skipped = [s for _, b in batches for s in b["skipped"]]
+        counts = torch.tensor([[*count_tokens(b, image_length), len(b["ids"]), 0] for _, b in batches]).sum(0)
+        counts[3] = len(skipped)
+        n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for _, batch in batches:
+            out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+            engine.backward(out_sum * info.world_size / max(n_targets, 1), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += out_sum.detach().double().cpu()
+        state.step += 1
+        state.samples_seen += n_samples
+        _account_skipped(state, skipped, n_skipped, cfg, logger)
+        window["loss"] += float(all_reduce_sum(loss_sum))
+        window["targets"] += n_targets
+        window["tokens"] += n_tokens
+        window["samples"] += n_samples
+        window["steps"] += 1
+        bar.update(1)
+        if state.step % tc.logging_interval == 0 or state.step == total_steps:
+            record = _record(engine, state, epoch, total_steps, window, run_start, start_step, info)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+            metrics.log(record)
+            window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
+        if evaluate is not None and (state.step % tc.evaluation_freq == 0 or state.step == total_steps):
+            evaluate(state.step)
+        if state.step % tc.save_steps == 0 or state.step == total_steps:
+            path = checkpoint.save_checkpoint(engine, engine.module, work_dir, state.step, state.__dict__, cfg, info, tc.save_total_limit)
+            logger.info(f"saved {path}")
+    bar.close()
+    plot = metrics.close()
+    if plot is not None:
+        logger.info(f"loss curve: {plot}")
+    return state
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _record(engine, state: TrainState, epoch: int, total: int, w: dict, run_start: float, start_step: int, info: DistInfo) -> dict:
+    """The numbers logged for the steps since the last record."""
+    elapsed = max(time.time() - w["time"], 1e-9)
+    per_step = (time.time() - run_start) / max(state.step - start_step, 1)
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "step": state.step, "total_steps": total, "epoch": epoch,
+        "loss": w["loss"] / max(w["targets"], 1),
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens_per_s": w["tokens"] / elapsed,
+        "samples_per_s": w["samples"] / elapsed,
+        "eta_s": per_step * (total - state.step),
+        "peak_mem_gb": peak_memory_gb(info.device),
+        "skipped": state.skipped,
+    }
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _account_skipped(state: TrainState, skipped: list[dict], n_skipped: int, cfg: Config, logger) -> None:
+    """Log this rank's skipped samples; stop (on every rank alike: `n_skipped` is the global count) once the
+    skipped samples exceed the configured fraction of samples seen."""
+    for s in skipped:
+        logger.warning(f"skipped sample {s['id']} (index {s['index']}): {s['kind']}: {s['detail']}")
+        if len(state.skipped_log) < 100:
+            state.skipped_log.append(s)
+    state.skipped += n_skipped
+    limit = cfg.data.max_bad_sample_fraction
+    if state.skipped and state.skipped > limit * max(state.samples_seen, 1):
+        raise UserError(
+            f"{state.skipped} of {state.samples_seen} samples were skipped (budget max_bad_sample_fraction={limit}); "
+            f"run `vlmtune data check {cfg.data.data_path} --image-folder {cfg.data.image_folder}` and fix or filter the data"
+        )

@@ -1,0 +1,170 @@
+"""`vlmtune train`: the whole run, top to bottom.
+
+    config -> process group -> tokenizer, image processor, model (+ pretrained_pth) -> dataset, sampler,
+    loader -> DeepSpeed engine (AdamW, warmup + cosine) -> resume? -> engine/trainer.fit -> teardown
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmtune.config import Config, load_config
+from vlmtune.data.collate import collate
+from vlmtune.data.dataset import build_dataset
+from vlmtune.data.image import ImagePreprocessor, load_image
+from vlmtune.data.sampler import BatchSampler
+from vlmtune.data.templates import get_template
+from vlmtune.engine import checkpoint
+from vlmtune.engine.distributed import DistInfo, deepspeed_config, destroy_distributed, init_distributed
+from vlmtune.engine.launch import relaunch, setup_slurm
+from vlmtune.engine.metrics import get_logger
+from vlmtune.engine.trainer import TrainState, fit, lr_lambda
+from vlmtune.errors import UserError
+from vlmtune.inference import Generator
+from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
+
+
+def parse_cfg_options(options: list[str]) -> dict:
+    """`key=value` pairs; values are Python literals when they parse as one, strings otherwise."""
+    out = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--cfg-options {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def main(args) -> int:
+    """CLI entry: re-launch through torchrun when asked, else train in this process."""
+    code = relaunch(args.argv)
+    if code is not None:
+        return code
+    if args.launcher == "slurm":
+        setup_slurm()
+    options = parse_cfg_options(args.cfg_options)
+    if args.seed is not None:
+        options["seed"] = args.seed
+    cfg = load_config(args.config, options)
+    work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name)
+    train(cfg, work_dir, args.deepspeed, args.resume)
+    return 0
+
+
+def train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None) -> TrainState:
+    """Run the config to its end (or from a checkpoint); the process group is always torn down."""
+    info = init_distributed()
+    try:
+        return _train(cfg, work_dir, deepspeed_name, resume, info)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None, info: DistInfo) -> TrainState:
+    import deepspeed
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logger = get_logger(work_dir, info.is_main)
+    if info.is_main:
+        (work_dir / f"{cfg.name}.py").write_text(cfg.text)  # the resolved config, next to the checkpoints
+    _seed(cfg.train.seed + info.rank)
+    logger.info(f"config {cfg.path} -> work dir {work_dir}, {info.world_size} process(es) on {info.device}")
+
+    tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
+    preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square)
+    model = build_model(cfg.model)
+    image_length = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
+    if cfg.train.pretrained_pth:
+        _load_pretrained(model, cfg.train.pretrained_pth, logger)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    logger.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
+
+    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, _cache_dir(cfg, work_dir))
+    logger.info(f"data {cfg.data.data_path}: {report.summary()}")
+    _preflight(cfg, report)
+    sampler = BatchSampler(dataset.modality_lengths, cfg.train.batch_size, info.world_size, info.rank,
+                           cfg.train.seed, cfg.data.group_by_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.train.dataloader_num_workers,
+        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        persistent_workers=False, pin_memory=info.device.type == "cuda",
+    )
+
+    total_steps = cfg.train.max_steps or (cfg.train.max_epochs * len(sampler)) // cfg.train.accumulative_counts
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio))
+    ds_config = deepspeed_config(deepspeed_name, cfg.train, resolve_dtype(cfg.model.torch_dtype), info.world_size, info.device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    state = TrainState()
+    resume_from = checkpoint.find_resume(work_dir, resume) if resume else None
+    if resume_from is not None:
+        state = TrainState(**checkpoint.load_resume_state(engine, resume_from, info))
+        logger.info(f"resumed from {resume_from} at step {state.step}")
+    elif resume == "auto":
+        logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
+
+    evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, logger)
+    state = fit(engine, loader, sampler, cfg, info, work_dir, state, image_length, evaluate, logger)
+    logger.info(f"done: {state.step} steps, {state.samples_seen} samples, {state.skipped} skipped; checkpoints in {work_dir}")
+    return state
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _cache_dir(cfg: Config, work_dir: Path) -> Path:
+    """Tokenization cache: the config's `cache_dir`, else work_dirs/.cache (shared by runs over the same data)."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else work_dir.parent / ".cache" / "vlmtune"
+
+
+def _preflight(cfg: Config, report) -> None:
+    """Refuse to start when too much of the data was dropped, pointing at `data check`."""
+    if report.kept == 0:
+        raise UserError(f"{cfg.data.data_path}: no trainable record ({report.summary()}); run `vlmtune data check` for details")
+    dropped = report.total - report.kept
+    if dropped > cfg.data.max_bad_sample_fraction * report.total:
+        raise UserError(
+            f"{cfg.data.data_path}: {dropped} of {report.total} records cannot be trained on "
+            f"(over max_bad_sample_fraction={cfg.data.max_bad_sample_fraction}): {report.summary()}; "
+            f"run `vlmtune data check {cfg.data.data_path} --image-folder {cfg.data.image_folder}` for details"
+        )
+
+
+def _load_pretrained(model, path: str, logger) -> None:
+    """Load a previous stage's trained weights (pretrain projector, ...) and say what it covered."""
+    state_dict, _ = checkpoint.load_trained_weights(path)
+    uncovered = checkpoint.load_into_model(model, state_dict, path)
+    logger.info(f"pretrained_pth {path}: loaded {len(state_dict)} tensors; "
+                f"{len(uncovered)} trainable tensors start fresh (e.g. LoRA)" if uncovered else f"pretrained_pth {path}: loaded {len(state_dict)} tensors")
+
+
+def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, logger):
+    """XTuner's EvaluateChatHook: answers for evaluation_images x evaluation_inputs, logged. Runs on every
+    rank (ZeRO-3 needs all ranks in each forward); rank 0 logs."""
+    if not cfg.train.evaluation_inputs:
+        return None
+    images = [load_image(p) for p in cfg.train.evaluation_images] or [None]
+    generator = Generator(model, tokenizer, get_template(cfg.data.prompt_template), preprocess, image_length, cfg.data.system)
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        for image_path, image in zip(cfg.train.evaluation_images or ["(no image)"], images):
+            for question in cfg.train.evaluation_inputs:
+                answer = generator.answer(question, image, max_new_tokens=cfg.train.evaluation_max_new_tokens)
+                logger.info(f"eval step {step} | {Path(image_path).name} | {question!r} -> {answer!r}")
+        model.train()
+
+    return evaluate
