@@ -5,6 +5,7 @@ An image goes: file -> PIL (any mode) -> RGB -> optional pad-to-square with the 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,14 @@ from vlmtune.data.llava_json import RecordError
 
 def resolve_image_path(image_folder: str | Path, relative: str, allowed_roots: tuple[str, ...] = ()) -> Path:
     """`relative` under `image_folder`; a path that escapes it (`..`, absolute) is an error unless it lies
-    under one of `allowed_roots`."""
-    root = Path(image_folder).resolve()
-    path = (root / relative).resolve()
-    for base in (root, *(Path(r).resolve() for r in allowed_roots)):
+    under one of `allowed_roots`.
+
+    The check is on the written path (normalised, symlinks not followed): a `..` or absolute path in the
+    data cannot leave the folder, while symlinks the user put inside it (`coco -> /datasets/coco`) work.
+    """
+    root = Path(os.path.abspath(image_folder))
+    path = Path(os.path.normpath(root / relative))
+    for base in (root, *(Path(os.path.abspath(r)) for r in allowed_roots)):
         if path.is_relative_to(base):
             return path
     raise RecordError("image_path_escapes", f"{relative!r} resolves outside the image folder {root}")
@@ -35,18 +40,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open, fully decode and convert to RGB; undecodable files raise RecordError('image_undecodable')."""
+    """Open, fully decode and convert to RGB; a file that cannot be used raises RecordError
+    (image_missing, image_empty, image_too_large: Pillow's decompression-bomb guard, image_undecodable)."""
     path = Path(path)
     if not path.is_file():
         raise RecordError("image_missing", f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise RecordError("image_empty", f"{path} is an empty file")
     try:
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
     except Image.DecompressionBombError as e:
         raise RecordError("image_too_large", f"{path}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RecordError("image_undecodable", f"{path}: {e}") from None
+    except Exception as e:  # decoders of broken files raise OSError, SyntaxError, EOFError, struct.error, ...
+        raise RecordError("image_undecodable", f"{path}: {type(e).__name__}: {e}") from None
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -38,31 +38,141 @@ class Sample:
     system: str = ""
 
 
-def read_records(path: str | Path) -> Iterator[dict]:
-    """Yield the raw records of a `.json` list or a `.jsonl` file; syntax errors name file, line, column."""
+class JSONSyntaxError(UserError):
+    """A data file that is not valid JSON; `line` and `column` are 1-based."""
+
+    def __init__(self, path: Path, line: int, column: int, msg: str):
+        super().__init__(f"{path}: invalid JSON at line {line} column {column}: {msg}")
+        self.line, self.column, self.msg = line, column, msg
+
+
+BLOCK_CHARS = 1 << 20  # read a JSON list 1M characters at a time
+MAX_RECORD_CHARS = 64 << 20  # a record still unparsable after this many characters is a syntax error
+
+
+def read_records(path: str | Path) -> Iterator:
+    """Yield the raw records of a `.json` list or a `.jsonl` file, streamed; syntax errors name line and column."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found; check `data_path` in the config")
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield _loads(line, path, lineno)
-        return
-    with path.open(encoding="utf-8") as f:
-        data = _loads(f.read(), path, 0)
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    yield from data
+    for line, text in iter_record_texts(path):
+        yield parse_record(text, path, line)
 
 
-def _loads(text: str, path: Path, lineno: int):
-    """json.loads with an error that says where the file is broken."""
+def parse_record(text: str, path: Path, line: int):
+    """json.loads of one record's text; errors name the file line (JSONL lines, or a record of a list)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        line = lineno or e.lineno
-        raise UserError(f"{path}: invalid JSON at line {line} column {e.colno}: {e.msg}") from None
+        raise JSONSyntaxError(path, line + e.lineno - 1, e.colno, e.msg) from None
+
+
+def iter_record_texts(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(first line, JSON text) of every record, without holding the file in memory.
+
+    JSONL is split by line (a bad line surfaces when the text is parsed); a JSON list is split with
+    `raw_decode` over a rolling buffer, so a syntax error anywhere in it raises JSONSyntaxError here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found; check `data_path` in the config")
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            if path.suffix == ".jsonl":
+                for lineno, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield lineno, line.rstrip()
+            else:
+                yield from _split_json_list(f, path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+
+
+def _split_json_list(f, path: Path) -> Iterator[tuple[int, str]]:
+    """Texts of the elements of the JSON list in file `f`, read block by block."""
+    reader = _Blocks(f, path)
+    if reader.next_char() != "[":
+        reader.fail("expected a JSON list of records (`[` ... `]`)")
+    reader.pos += 1
+    if reader.next_char() == "]":
+        return reader.expect_end()
+    while True:
+        line, text = reader.line(), reader.element()
+        yield line, text
+        char = reader.next_char()
+        if char == "]":
+            return reader.expect_end()
+        if char != ",":
+            reader.fail("Expecting ',' delimiter or ']' after a record")
+        reader.pos += 1
+        if reader.next_char() == "]":
+            reader.fail("trailing comma before ']'")
+
+
+class _Blocks:
+    """A rolling text buffer over a file: `pos` indexes `buf`; lines are counted incrementally."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+        self.decoder = json.JSONDecoder()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.start = 0  # file offset (in characters) of buf[0]
+        self.counted, self.lines, self.line_start = 0, 1, 0  # newlines are counted in buf[:counted]
+
+    def line(self, at: int | None = None) -> int:
+        """1-based file line of buf[at] (default: the current position); `at` never moves backwards."""
+        at = self.pos if at is None else at
+        newlines = self.buf.count("\n", self.counted, at)
+        if newlines:
+            self.lines += newlines
+            self.line_start = self.start + self.buf.rfind("\n", self.counted, at) + 1
+        self.counted = at
+        return self.lines
+
+    def refill(self) -> bool:
+        """Drop the consumed text, append the next block; False at end of file."""
+        self.line()
+        self.start += self.pos
+        self.buf, self.counted, self.pos = self.buf[self.pos:], 0, 0
+        block = self.f.read(BLOCK_CHARS)
+        self.buf += block
+        self.eof = not block
+        return bool(block)
+
+    def next_char(self) -> str:
+        """The next non-whitespace character ('' at end of file), leaving `pos` on it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.refill():
+                return ""
+
+    def element(self) -> str:
+        """Text of the JSON value at `pos` (moving past it), reading more while it is cut off."""
+        while True:
+            try:
+                _, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                # only an error at the buffer's end (or an open string) can be a record cut off by it
+                cut_off = e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")
+                if self.eof or not cut_off or len(self.buf) - self.pos > MAX_RECORD_CHARS:
+                    self.fail(e.msg, e.pos)
+                self.refill()
+                continue
+            text, self.pos = self.buf[self.pos:end], end
+            return text
+
+    def expect_end(self) -> None:
+        """Only whitespace may follow the closing bracket."""
+        self.pos += 1
+        if self.next_char():
+            self.fail("extra data after the closing ']'")
+
+    def fail(self, msg: str, at: int | None = None):
+        """Raise JSONSyntaxError at buf[at] (default: the current position)."""
+        at = self.pos if at is None else at
+        line = self.line(at)
+        raise JSONSyntaxError(self.path, line, self.start + at - self.line_start + 1, msg)
 
 
 def normalize_record(raw, index: int) -> Sample:
