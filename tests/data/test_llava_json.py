@@ -1,0 +1,110 @@
+"""LLaVA JSON reading and record normalisation (XTuner's llava_map_fn rules, plus named errors)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.data.llava_json import RecordError, normalize_record, read_records
+from vlmtune.errors import UserError
+
+
+def msgs(*pairs):
+    return [{"from": role, "value": value} for role, value in pairs]
+
+
+# ---- reading files
+
+
+def test_json_list_and_jsonl_give_the_same_records(tmp_path):
+    records = [{"id": i, "conversations": msgs(("human", f"q{i}"), ("gpt", f"a{i}"))} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
+    assert list(read_records(tmp_path / "d.json")) == records
+    assert list(read_records(tmp_path / "d.jsonl")) == records  # blank lines are skipped
+
+
+def test_broken_json_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"id": 1},\n  {"id": 2,,}\n]')
+    with pytest.raises(UserError, match=r"bad\.json: invalid JSON at line 3 column 12"):
+        list(read_records(path))
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl: invalid JSON at line 2 "):
+        list(read_records(path))
+
+
+def test_missing_file_and_non_list_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="data file not found"):
+        list(read_records(tmp_path / "nope.json"))
+    (tmp_path / "obj.json").write_text('{"conversations": []}')
+    with pytest.raises(UserError, match="expected a JSON list of records"):
+        list(read_records(tmp_path / "obj.json"))
+
+
+# ---- normalising one record
+
+
+def test_image_goes_to_the_front_of_its_human_turn():
+    raw = {"id": "x", "image": "a/b.jpg", "conversations": msgs(("human", "What is this?\n<image>"), ("gpt", "A cat."))}
+    sample = normalize_record(raw, 7)
+    assert (sample.id, sample.images, sample.turns) == ("x", ["a/b.jpg"], [("<image>\nWhat is this?", "A cat.")])
+
+
+def test_image_token_alone_is_stripped_like_xtuner():
+    raw = {"image": "a.jpg", "conversations": msgs(("human", "  <image>\n "), ("gpt", "A cat."))}
+    assert normalize_record(raw, 3).turns == [("<image>", "A cat.")]
+    assert normalize_record(raw, 3).id == "3"  # no id: the record index
+
+
+def test_multi_turn_text_only_with_user_assistant_roles_and_system():
+    raw = {"conversations": msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Bye"))}
+    sample = normalize_record(raw, 0)
+    assert (sample.system, sample.images, sample.turns) == ("Be brief.", [], [("Hi", "Hello"), ("Bye", "Bye")])
+
+
+def test_leading_assistant_messages_and_a_trailing_question_are_dropped():
+    raw = {"conversations": msgs(("gpt", "hello"), ("gpt", "again"), ("human", "Q"), ("gpt", "A"), ("human", "unanswered"))}
+    assert normalize_record(raw, 0).turns == [("Q", "A")]
+
+
+def test_image_list_with_matching_tokens_in_two_turns():
+    raw = {"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image> one"), ("gpt", "A"), ("human", "two <image>"), ("gpt", "B"))}
+    sample = normalize_record(raw, 0)
+    assert sample.images == ["a.jpg", "b.jpg"]
+    assert sample.turns == [("<image>\none", "A"), ("<image>\ntwo", "B")]
+
+
+BAD = {
+    "not_an_object": ["just a string"],
+    "missing_conversations": [{"image": None}, {"conversations": []}, {"conversations": "hi"}],
+    "bad_image_field": [
+        {"image": "", "conversations": msgs(("human", "<image>"), ("gpt", "a"))},
+        {"image": [], "conversations": msgs(("human", "<image>"), ("gpt", "a"))},
+        {"image": ["a.jpg", 3], "conversations": msgs(("human", "<image><image>"), ("gpt", "a"))},
+    ],
+    "image_token_missing": [{"image": "a.jpg", "conversations": msgs(("human", "describe"), ("gpt", "a"))}],
+    "image_token_without_image": [{"conversations": msgs(("human", "<image>\ndescribe"), ("gpt", "a"))}],
+    "too_many_image_tokens": [{"image": "a.jpg", "conversations": msgs(("human", "<image><image>"), ("gpt", "a"))}],
+    "too_few_image_tokens": [{"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image>"), ("gpt", "a"))}],
+    "bad_message": [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, {"conversations": ["hi"]}],
+    "non_string_value": [{"conversations": msgs(("human", ["q"]), ("gpt", "a"))}],
+    "roles_out_of_order": [
+        {"conversations": msgs(("human", "q"), ("gpt", "a"), ("gpt", "b"))},
+        {"conversations": msgs(("human", "q1"), ("human", "q2"), ("gpt", "a"))},
+    ],
+    "unknown_role": [{"conversations": msgs(("human", "q"), ("bot", "a"))}, {"conversations": msgs(("human", "q"), ("system", "late"))}],
+    "no_assistant_turn": [{"conversations": msgs(("human", "q"))}, {"conversations": msgs(("gpt", "orphan"))}],
+}
+
+
+@pytest.mark.parametrize("kind,raw", [(k, r) for k, rs in BAD.items() for r in rs])
+def test_bad_records_raise_their_kind(kind, raw):
+    with pytest.raises(RecordError) as e:
+        normalize_record(raw, 0)
+    assert e.value.kind == kind
+    assert str(e.value).startswith(f"{kind}: ")
