@@ -50,6 +50,7 @@ class DataConfig:
     max_bad_sample_fraction: float = 0.001  # stop the run when more samples than this are skipped
     allowed_image_roots: list[str] = field(default_factory=list)
     cache_dir: str | None = None  # tokenization cache; default <work_dir>/../.cache/vlmtune
+    data_root: str = ""  # XTuner's helper for composing paths inside the config; not used after loading
 
 
 @dataclass
@@ -114,7 +115,9 @@ def list_configs(pattern: str | None = None) -> list[str]:
 def load_config(name_or_path: str, cfg_options: dict | None = None) -> Config:
     """Load, apply overrides, validate. The only place a config file is read."""
     from mmengine.config import Config as MMConfig
+    from mmengine.logging import MMLogger
 
+    MMLogger.get_current_instance().setLevel("WARNING")  # mmengine announces every {{$ENV}} substitution at INFO
     path = resolve_config_path(name_or_path)
     try:
         raw = MMConfig.fromfile(str(path))

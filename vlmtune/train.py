@@ -18,6 +18,7 @@ from vlmtune.config import Config, load_config
 from vlmtune.data.collate import collate
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.image import ImagePreprocessor, load_image
+from vlmtune.data.llava_json import RecordError
 from vlmtune.data.sampler import BatchSampler
 from vlmtune.data.templates import get_template
 from vlmtune.engine import checkpoint
@@ -156,7 +157,10 @@ def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, log
     rank (ZeRO-3 needs all ranks in each forward); rank 0 logs."""
     if not cfg.train.evaluation_inputs:
         return None
-    images = [load_image(p) for p in cfg.train.evaluation_images] or [None]
+    try:
+        images = [load_image(p) for p in cfg.train.evaluation_images] or [None]
+    except RecordError as e:
+        raise UserError(f"{cfg.path}: evaluation_images: {e.detail}; fix the path or set evaluation_images = []") from None
     generator = Generator(model, tokenizer, get_template(cfg.data.prompt_template), preprocess, image_length, cfg.data.system)
 
     def evaluate(step: int) -> None:

@@ -111,6 +111,7 @@ def _write_table(cfg: DataConfig, tokenizer, image_length: int, cache: Path) -> 
         "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
     })
+    datasets.disable_progress_bars()  # vlmtune logs its own summary; the per-shard bars are noise
     table = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(cache) + ".tmp", keep_in_memory=False)
     table.save_to_disk(str(cache / "table"))
     tmp = cache / "report.json.tmp"
