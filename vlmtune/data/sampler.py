@@ -3,7 +3,8 @@
 Every rank computes the same global order from (seed, epoch); global batch g holds world_size x batch_size
 indices and rank r takes g[r::world_size], so ranks get disjoint samples of similar length. Grouping follows
 XTuner's LengthGroupedSampler (mega-batches of up to 50 global batches sorted by length) and LLaVA's
-modality split (image and text-only samples never share a batch, except the final leftover batch).
+modality split (image and text-only samples never share a batch, except in the leftover tail: the last one or
+two batches, made of the short remainders of both modalities).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 
 def grouped_order(modality_lengths: np.ndarray, global_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Global batches (arrays of `global_batch` indices, last per modality may be short), length-grouped."""
+    """ceil(n / global_batch) global batches (index arrays; only the last may be short), length-grouped."""
     batches, leftovers = [], []
     for idx in (np.flatnonzero(modality_lengths > 0), np.flatnonzero(modality_lengths < 0)):
         if not len(idx):
@@ -28,8 +29,9 @@ def grouped_order(modality_lengths: np.ndarray, global_batch: int, rng: np.rando
             leftovers.append(chunks.pop())
         batches += chunks
     batches = [batches[i] for i in rng.permutation(len(batches))]
-    if leftovers:
-        batches.append(np.concatenate(leftovers))
+    if leftovers:  # the two short tails go last, re-split so no batch exceeds global_batch
+        rest = np.concatenate(leftovers)
+        batches += [rest[s : s + global_batch] for s in range(0, len(rest), global_batch)]
     return batches
 
 
