@@ -37,6 +37,49 @@ PHOTOS = {
 }
 
 
+MMBENCH = [  # (image, question, hint, options, answer letter, L3 category, L2 ability)
+    ("chelsea.jpg", "What animal is in the image?", None, ["cat", "dog", "horse", "bird"], "A", "image_scene", "coarse_perception"),
+    ("coffee.jpg", "What drink is shown?", None, ["tea", "coffee", "juice", "water"], "B", "image_topic", "coarse_perception"),
+    ("rocket.jpg", "What is on the launch pad?", "The photo was taken at a space centre.", ["a bus", "a plane", "a rocket", "a tower"], "C",
+     "object_localization", "finegrained_perception (instance-level)"),
+    ("astronaut.jpg", "What is the person wearing?", None, ["a dress", "a space suit", "a coat"], "B",
+     "attribute_recognition", "finegrained_perception (instance-level)"),
+    ("camera.png", "Is this photo in color?", None, ["yes", "no"], "B", "image_style", "coarse_perception"),
+    ("grace_hopper.jpg", "这张照片里的人穿着什么？", None, ["军装", "泳衣", "睡衣", "雨衣"], "A", "attribute_recognition",
+     "finegrained_perception (instance-level)"),
+]
+
+
+def write_mmbench(images: Path, out: Path) -> None:
+    """A small dev TSV in VLMEvalKit's MMBench format: circular copies (index + k*1e6, options rotated, answer
+    re-lettered) whose image cell refers to the main row's index."""
+    import base64
+    import io
+
+    import pandas as pd
+
+    rows = []
+    for index, (name, question, hint, options, answer, category, l2) in enumerate(MMBENCH):
+        buffer = io.BytesIO()
+        image = Image.open(images / name).convert("RGB")
+        image.thumbnail((224, 224))
+        image.save(buffer, format="JPEG", quality=85)
+        b64 = base64.b64encode(buffer.getvalue()).decode()
+        letters = "ABCD"[: len(options)]
+        right = options[letters.index(answer)]
+        for k in range(len(options)):
+            rotated = options[k:] + options[:k]
+            row = {"index": index + k * 1_000_000, "question": question, "hint": hint,
+                   "answer": letters[rotated.index(right)], "category": category, "l2-category": l2,
+                   "split": "dev", "source": "vlmtune-example", "comment": None,
+                   "image": b64 if k == 0 else str(index)}
+            row.update(dict(zip(letters, rotated)))
+            rows.append(row)
+    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
+               "split", "source", "comment", "image"]
+    pd.DataFrame(rows).reindex(columns=columns).to_csv(out, sep="\t", index=False)
+
+
 def main() -> None:
     (OUT / "images").mkdir(parents=True, exist_ok=True)
     pretrain, finetune = [], []
@@ -58,7 +101,8 @@ def main() -> None:
                                                       {"from": "gpt", "value": "我是一个视觉语言助手。"}]})
     (OUT / "pretrain.json").write_text(json.dumps(pretrain, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (OUT / "finetune.json").write_text(json.dumps(finetune, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {len(pretrain)} pretrain and {len(finetune)} finetune records to {OUT}")
+    write_mmbench(OUT / "images", OUT / "mmbench_dev_en_tiny.tsv")
+    print(f"wrote {len(pretrain)} pretrain and {len(finetune)} finetune records and an MMBench-format TSV to {OUT}")
 
 
 if __name__ == "__main__":
