@@ -1,0 +1,134 @@
+"""The training dataset: a small LLaVA JSON with good and bad records -> DataReport, rows, samples, cache."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlmtune.config import DataConfig
+from vlmtune.constants import IMAGE_TOKEN_INDEX
+from vlmtune.data.dataset import build_dataset
+from vlmtune.data.image import ImagePreprocessor
+from vlmtune.data.llava_json import normalize_record
+from vlmtune.data.templates import get_template
+from vlmtune.data.tokenize import tokenize_conversation
+from vlmtune.model.build import load_image_processor
+
+
+def conv(*values):
+    return [{"from": role, "value": v} for role, v in zip(["human", "gpt"] * len(values), values)]
+
+
+RECORDS = [
+    {"id": "img", "image": "images/chelsea.jpg", "conversations": conv("What animal is this?\n<image>", "A cat.")},
+    {"id": "txt", "conversations": conv("Say hi.", "Hi.")},
+    {"id": "multi", "image": "images/coffee.jpg", "conversations": conv("<image>\nWhat is it?", "Coffee.", "Hot?", "Yes.")},
+    {"id": "uni", "image": "images/astronaut.jpg", "conversations": conv("<image>\n这是谁？🚀", "宇航员。Ünïcödé ✓")},
+    42,  # not_an_object
+    {"id": "noconv"},  # missing_conversations
+    {"id": "notoken", "image": "images/rocket.jpg", "conversations": conv("Describe.", "A rocket.")},
+    {"id": "noimg", "conversations": conv("<image>\nDescribe.", "Nothing.")},
+    {"id": "order", "conversations": conv("Q", "A") + [{"from": "gpt", "value": "again"}]},
+    {"id": "long", "conversations": conv("word " * 3000, "Short.")},  # no_trainable_tokens at max_length 1024
+    {"id": "gone", "image": "images/missing.jpg", "conversations": conv("<image>", "?")},  # kept: checked on load
+    {"id": "escape", "image": "../secret.jpg", "conversations": conv("<image>", "?")},  # kept: checked on load
+    {"id": "trunc", "image": "images/horse.png", "conversations": conv("<image>\nDescribe in detail.", "word " * 2000)},
+]
+KEPT = ["img", "txt", "multi", "uni", "gone", "escape", "trunc"]
+DROPPED = {
+    "not_an_object": 1, "missing_conversations": 1, "image_token_missing": 1, "image_token_without_image": 1,
+    "roles_out_of_order": 1, "no_trainable_tokens": 1,
+}
+
+
+@pytest.fixture
+def setup(tiny, tiny_tokenizer, tmp_path):
+    """(DataConfig, tokenizer, preprocessor, cache dir) for RECORDS over the tiny example images."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    cfg = DataConfig(data_path=str(data), image_folder=str(tiny.data), prompt_template="internlm2_chat", max_length=1024)
+    preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
+    return cfg, tiny_tokenizer, preprocess, tmp_path / "cache"
+
+
+def build(setup, **changes):
+    cfg, tok, preprocess, cache = setup
+    return build_dataset(dataclasses.replace(cfg, **changes), tok, preprocess, 576, cache)
+
+
+def test_report_counts_every_kind_and_keeps_the_good_records(setup):
+    dataset, report = build(setup)
+    assert (report.total, report.kept, report.truncated) == (len(RECORDS), len(KEPT), 1)
+    assert report.dropped == DROPPED
+    (example,) = report.examples["no_trainable_tokens"]
+    assert (example["index"], example["id"]) == (9, "long") and "max_length=1024" in example["detail"]
+    assert report.examples["not_an_object"][0]["index"] == 4
+    assert list(dataset.table["id"]) == KEPT and len(dataset) == len(KEPT)
+    assert "7/13 records kept, 1 truncated" in report.summary()
+
+
+def test_rows_hold_what_tokenize_produces(setup):
+    cfg, tok, _, _ = setup
+    dataset, _ = build(setup)
+    for row, raw in zip(range(4), RECORDS[:4]):  # img, txt, multi, uni
+        sample = normalize_record(raw, row)
+        want = tokenize_conversation(sample.turns, tok, get_template(cfg.prompt_template), cfg.max_length, 576)
+        got = dataset.table[row]
+        assert got["input_ids"].tolist() == want.input_ids and got["labels"].tolist() == want.labels
+        assert got["length"] == want.length
+    uni = dataset.table[3]
+    supervised = [int(i) for i, label in zip(uni["input_ids"], uni["labels"]) if label >= 0]
+    assert tok.decode(supervised) == "宇航员。Ünïcödé ✓<|im_end|>"
+
+
+def test_modality_lengths_count_images_and_mark_text_only_negative(setup):
+    dataset, _ = build(setup)
+    ids = dataset.table["input_ids"]
+    expanded = np.array([len(x) + 575 * list(x).count(IMAGE_TOKEN_INDEX) for x in ids])
+    has_image = np.array([len(x) > 0 for x in dataset.table["images"]])
+    assert has_image.tolist() == [True, False, True, True, True, True, True]
+    assert dataset.modality_lengths.tolist() == np.where(has_image, expanded, -expanded).tolist()
+    assert dataset.modality_lengths[KEPT.index("trunc")] == 1024  # truncated to exactly max_length
+
+
+def test_samples_load_pixels_and_bad_images_are_skipped_to_the_next(setup):
+    dataset, _ = build(setup)
+    img, txt = dataset[0], dataset[1]
+    assert img["id"] == "img" and img["pixel_values"].shape == (1, 3, 336, 336) and img["skipped"] == []
+    assert txt["id"] == "txt" and txt["pixel_values"].shape == (0, 3, 336, 336)
+    assert int((img["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == 1
+    got = dataset[KEPT.index("gone")]  # gone (missing file) and escape (../) are both skipped
+    assert got["id"] == "trunc"
+    assert [(s["id"], s["kind"]) for s in got["skipped"]] == [("gone", "image_missing"), ("escape", "image_path_escapes")]
+
+
+def cache_entries(cache: Path) -> set[str]:
+    return {p.name for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".tmp")}
+
+
+def test_cache_is_reused_and_keyed_by_template_and_max_length(setup):
+    cache = setup[3]
+    build(setup)
+    (first,) = cache_entries(cache)
+    stamp = (cache / first / "report.json").stat().st_mtime_ns
+    _, report = build(setup)  # same inputs: the same table, not rebuilt
+    assert cache_entries(cache) == {first} and (cache / first / "report.json").stat().st_mtime_ns == stamp
+    assert report.kept == len(KEPT)
+    vicuna, _ = build(setup, prompt_template="vicuna")
+    assert len(cache_entries(cache)) == 2
+    assert vicuna.table[1]["input_ids"].tolist() != build(setup)[0].table[1]["input_ids"].tolist()
+    short, short_report = build(setup, max_length=600)  # now the image samples no longer fit
+    assert len(cache_entries(cache)) == 3 and short_report.kept < len(KEPT)
+    assert (cache / first / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_cache_is_invalidated_when_the_data_file_changes(setup):
+    cfg, _, _, cache = setup
+    build(setup)
+    records = RECORDS[:2]
+    Path(cfg.data_path).write_text(json.dumps(records), encoding="utf-8")
+    dataset, report = build(setup)
+    assert len(cache_entries(cache)) == 2 and report.total == 2 and list(dataset.table["id"]) == ["img", "txt"]
