@@ -60,3 +60,50 @@ def real_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("real_tokenizer")
     shutil.copyfile(_sentencepiece_model(), folder / "tokenizer.model")
     return LlamaTokenizer.from_pretrained(str(folder), legacy=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny):
+    """`make(**overrides) -> ModelConfig` for the tiny LLM + CLIP in fp32, without gradient checkpointing
+    (pretrain-style defaults: LLM and CLIP frozen, no LoRA; override any ModelConfig field)."""
+    from vlmtune.config import ModelConfig
+
+    def make(**overrides) -> ModelConfig:
+        values = dict(
+            llm_name_or_path=str(tiny.llm), visual_encoder_name_or_path=str(tiny.clip),
+            torch_dtype="float32", use_gradient_checkpointing=False,
+        )
+        return ModelConfig(**{**values, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny, tiny_tokenizer):
+    """A collated internlm2_chat batch of real photos: samples with 1, 0 and 2 images (3 images in all),
+    right-padded, as the training loader gives it (`input_ids`, `labels`, `attention_mask`,
+    `pixel_values` [3, 3, 336, 336] padded to square, ...)."""
+    import torch
+
+    from vlmtune.data.collate import collate
+    from vlmtune.data.image import ImagePreprocessor, load_image
+    from vlmtune.data.templates import get_template
+    from vlmtune.data.tokenize import tokenize_conversation
+    from vlmtune.model.build import load_image_processor
+
+    preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
+    template = get_template("internlm2_chat")
+    conversations = [
+        (["chelsea.jpg"], [("<image>\nWhat is in the image?", "A cat.")]),
+        ([], [("Say hi.", "Hi there."), ("Again?", "Hi.")]),
+        (["coffee.jpg", "rocket.jpg"], [("<image>\n<image>\nCompare them.", "A cup and a rocket.")]),
+    ]
+    samples = []
+    for i, (images, turns) in enumerate(conversations):
+        tok = tokenize_conversation(turns, tiny_tokenizer, template, 4096, 576)
+        pixels = [preprocess(load_image(tiny.data / "images" / name)) for name in images]
+        samples.append({
+            "id": str(i), "input_ids": torch.tensor(tok.input_ids), "labels": torch.tensor(tok.labels),
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 336, 336),
+        })
+    return collate(samples, pad_token_id=tiny_tokenizer.pad_token_id)

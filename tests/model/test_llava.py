@@ -1,0 +1,157 @@
+"""LlavaModel: the vectorised splice against a per-sample Python reference, the loss, and zero gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlmtune.model.build import build_model
+from vlmtune.model.llava import splice_image_features
+
+IMG = IMAGE_TOKEN_INDEX
+
+
+def naive_splice(text_embeds, input_ids, attention_mask, labels, features, padding_side):
+    """Reference: walk every sample token by token; an image id takes the next image's P rows."""
+    B, _, D = text_embeds.shape
+    rows, row_labels, k = [], [], 0
+    for b in range(B):
+        r, lab = [], []
+        for t in range(input_ids.shape[1]):
+            if not attention_mask[b, t]:
+                continue
+            if input_ids[b, t] == IMG:
+                r += list(features[k])
+                lab += [IGNORE_INDEX] * features.shape[1]
+                k += 1
+            else:
+                r.append(text_embeds[b, t])
+                lab.append(int(labels[b, t]))
+        rows.append(r)
+        row_labels.append(lab)
+    assert features is None or k == len(features)
+    L = max(len(r) for r in rows)
+    out = torch.zeros(B, L, D)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    new_labels = torch.full((B, L), IGNORE_INDEX)
+    for b, (r, lab) in enumerate(zip(rows, row_labels)):
+        s = L - len(r) if padding_side == "left" else 0
+        out[b, s : s + len(r)] = torch.stack(r)
+        mask[b, s : s + len(r)] = 1
+        new_labels[b, s : s + len(r)] = torch.tensor(lab)
+    return out, mask, new_labels
+
+
+def padded(rows, side, pad=0):
+    """[B, T] ids and mask from ragged rows, padded on `side`."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        s = T - len(r) if side == "left" else 0
+        ids[b, s : s + len(r)] = torch.tensor(r)
+        mask[b, s : s + len(r)] = 1
+    return ids, mask
+
+
+ROWS = [
+    [1, 11, IMG, 12, 13, IMG, 14],  # two images, one between text
+    [1, 21, 22, 23],  # text only, between image samples
+    [1, IMG, 31],  # one image
+    [IMG, 41, 42, 43, 44, 45, 46, 47, 48],  # image first, longest
+]
+
+
+@pytest.mark.parametrize("in_side", ["right", "left"])
+@pytest.mark.parametrize("out_side", ["right", "left"])
+def test_splice_matches_the_per_sample_reference(in_side, out_side):
+    torch.manual_seed(0)
+    ids, mask = padded(ROWS, in_side)
+    labels = torch.where(mask.bool() & (ids != IMG), ids + 1000, IGNORE_INDEX)
+    P, D = 5, 8
+    embeds = torch.randn(*ids.shape, D)
+    features = torch.randn(4, P, D)
+    got = splice_image_features(embeds, ids, mask, labels, features, out_side)
+    want, want_mask, want_labels = naive_splice(embeds, ids, mask, labels, features, out_side)
+    assert torch.equal(got["inputs_embeds"], want)
+    assert torch.equal(got["attention_mask"], want_mask)
+    assert torch.equal(got["labels"], want_labels)
+    # every image row has IGNORE as label; lengths are text + P per image
+    assert got["attention_mask"].sum(1).tolist() == [5 + 2 * P, 4, 2 + P, 8 + P]
+    assert int((got["labels"] != IGNORE_INDEX).sum()) == sum(len(r) - r.count(IMG) for r in ROWS)
+
+
+def test_text_only_batch_is_a_copy_of_the_embeddings():
+    ids, mask = padded([[1, 2, 3], [1, 4]], "right")
+    embeds = torch.randn(2, 3, 4)
+    got = splice_image_features(embeds, ids, mask, ids.clone(), None)
+    assert torch.equal(got["inputs_embeds"][mask.bool()], embeds[mask.bool()])
+    assert torch.equal(got["attention_mask"], mask) and got["labels"][1, 2] == IGNORE_INDEX
+
+
+def test_image_count_mismatch_is_an_error():
+    ids, mask = padded([[1, IMG, 2], [IMG, 3]], "right")
+    with pytest.raises(ValueError, match="2 image tokens but 1 images"):
+        splice_image_features(torch.zeros(2, 3, 4), ids, mask, None, torch.zeros(1, 5, 4))
+    with pytest.raises(ValueError, match="2 image tokens but 0 images"):
+        splice_image_features(torch.zeros(2, 3, 4), ids, mask, None, None)
+
+
+def test_splice_passes_gradients_to_features_and_embeddings():
+    ids, mask = padded(ROWS[:3], "right")
+    embeds = torch.randn(*ids.shape, 4, requires_grad=True)
+    features = torch.randn(3, 2, 4, requires_grad=True)
+    out = splice_image_features(embeds, ids, mask, None, features)["inputs_embeds"]
+    out.sum().backward()
+    assert torch.equal(features.grad, torch.ones_like(features))
+    assert torch.equal(embeds.grad, (mask.bool() & (ids != IMG)).float()[..., None].expand_as(embeds))
+
+
+# ---- the assembled model on the tiny parts
+
+
+@pytest.fixture(scope="module")
+def pretrain_model(tiny_model_config):
+    torch.manual_seed(0)
+    return build_model(tiny_model_config())
+
+
+def test_loss_is_the_llm_own_loss_on_the_spliced_inputs(pretrain_model, tiny_batch):
+    """loss_sum / n_tokens equals transformers' mean next-token loss given the same embeddings and labels."""
+    model = pretrain_model
+    with torch.no_grad():
+        loss_sum, n_tokens = model(**{k: tiny_batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+        inputs = model.prepare_inputs(tiny_batch["input_ids"], tiny_batch["attention_mask"], tiny_batch["labels"], tiny_batch["pixel_values"])
+        reference = model.llm(**inputs).loss
+    # every supervised token of the collated batch is a target (none is the first token of its row)
+    assert n_tokens == int((tiny_batch["labels"] != IGNORE_INDEX).sum())
+    assert inputs["inputs_embeds"].shape[1] == tiny_batch["attention_mask"].sum(1).add(575 * torch.tensor([1, 0, 2])).max()
+    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_image_features_come_from_layer_minus_2_without_cls(pretrain_model, tiny_batch):
+    model = pretrain_model
+    with torch.no_grad():
+        hidden = model.visual_encoder(tiny_batch["pixel_values"], output_hidden_states=True).hidden_states
+        want = model.projector(hidden[len(hidden) - 2][:, 1:])  # 2 CLIP layers: hidden[1] is layer 1's output
+        got = model.encode_images(tiny_batch["pixel_values"])
+    assert got.shape == (3, 576, 64) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_text_only_batch_gives_trainable_vision_params_zero_grads(tiny_model_config, tiny_batch, lora):
+    """ZeRO/DDP need every trainable parameter to get a gradient on every rank, image batch or not."""
+    extra = dict(llm_lora=dict(r=4), visual_encoder_lora=dict(r=4)) if lora else {}
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(**extra))
+    text_row = 1  # the text-only sample of tiny_batch
+    batch = {k: tiny_batch[k][text_row : text_row + 1] for k in ("input_ids", "attention_mask", "labels")}
+    loss_sum, n_tokens = model(**batch, pixel_values=None)
+    (loss_sum / n_tokens).backward()
+    vision = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+    assert len(vision) == (4 + 2 * 2 * 6 if lora else 4)  # projector (2 linears) + CLIP LoRA A/B on 6 linears x 2 layers
+    for name, p in vision:
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+    if lora:  # the LLM's adapter still learns from the text
+        llm_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")]
+        assert llm_grads and any(g is not None and g.abs().sum() > 0 for g in llm_grads)
