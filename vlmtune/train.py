@@ -94,10 +94,12 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     _preflight(cfg, report)
     sampler = BatchSampler(dataset.modality_lengths, cfg.train.batch_size, info.world_size, info.rank,
                            cfg.train.seed, cfg.data.group_by_length)
+    # The loader's own generator: starting an epoch then draws nothing from the global RNG (dropout), so a run
+    # resumed mid-epoch sees the same dropout masks as an uninterrupted one.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.train.dataloader_num_workers,
         collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        persistent_workers=False, pin_memory=info.device.type == "cuda",
+        persistent_workers=False, pin_memory=info.device.type == "cuda", generator=torch.Generator(),
     )
 
     total_steps = cfg.train.max_steps or (cfg.train.max_epochs * len(sampler)) // cfg.train.accumulative_counts
