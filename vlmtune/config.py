@@ -180,8 +180,8 @@ def _check_type(value, hint, key: str, path: Path):
         return tuple(_check_type(v, a, key, path) for v, a in zip(value, args))
     if origin is list and isinstance(value, (list, tuple)):
         return [_check_type(v, args[0], key, path) for v in value]
-    expected = origin or hint
-    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+    expected = origin or hint  # a generic reaching here does not fit: wrong-length tuple, non-sequence list
+    if origin is None and isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return dict(value) if expected is dict else value
     raise UserError(f"{path}: config key {key!r} should be {_type_name(hint)}, got {value!r}")
 
