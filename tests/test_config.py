@@ -1,0 +1,144 @@
+"""Config files: validation errors that name key and file, _base_ inheritance, overrides, shipped configs."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from vlmtune.config import CONFIG_DIR, config_from_text, list_configs, load_config, resolve_config_path
+from vlmtune.data.templates import TEMPLATES
+from vlmtune.errors import UserError
+
+MINIMAL = """
+llm_name_or_path = 'llm'
+visual_encoder_name_or_path = 'clip'
+data_path = 'data.json'
+image_folder = 'images'
+prompt_template = 'vicuna'
+"""
+
+
+def write(folder, name, body):
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_minimal_config_fills_defaults(tmp_path):
+    cfg = load_config(str(write(tmp_path, "mine.py", MINIMAL)))
+    assert cfg.name == "mine" and cfg.path == str(tmp_path / "mine.py")
+    assert cfg.model.llm_name_or_path == "llm" and cfg.model.visual_select_layer == -2 and cfg.model.freeze_llm
+    assert cfg.data.prompt_template == "vicuna" and cfg.data.max_length == 2048
+    assert cfg.train.lr == 2e-4 and cfg.train.betas == (0.9, 0.999)
+
+
+def test_unknown_key_names_key_file_and_close_match(tmp_path):
+    path = write(tmp_path, "typo.py", MINIMAL + "max_lenght = 1024\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    message = str(e.value)
+    assert str(path) in message and "'max_lenght'" in message and "did you mean 'max_length'" in message
+
+
+@pytest.mark.parametrize(
+    "line,key,expected",
+    [
+        ("batch_size = '8'", "batch_size", "int"),
+        ("freeze_llm = 1", "freeze_llm", "bool"),  # ints are not booleans
+        ("batch_size = True", "batch_size", "int"),  # and booleans are not ints
+        ("betas = (0.9,)", "betas", "tuple"),
+        ("evaluation_inputs = 'Describe.'", "evaluation_inputs", "list"),
+        ("llm_lora = 8", "llm_lora", "dict"),
+    ],
+)
+def test_wrong_type_names_key_and_type(tmp_path, line, key, expected):
+    path = write(tmp_path, "bad.py", MINIMAL + line + "\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert str(path) in str(e.value) and repr(key) in str(e.value) and expected in str(e.value)
+
+
+def test_lenient_conversions(tmp_path):
+    path = write(tmp_path, "ok.py", MINIMAL + "lr = 1\nbetas = [0.9, 0.95]\nllm_lora = None\nmax_steps = None\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == (0.9, 0.95) and cfg.model.llm_lora is None and cfg.train.max_steps is None
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "short.py", MINIMAL.replace("prompt_template = 'vicuna'\n", ""))
+    with pytest.raises(UserError, match="required config key 'prompt_template' is missing"):
+        load_config(str(path))
+
+
+def test_syntax_error_is_a_user_error(tmp_path):
+    path = write(tmp_path, "broken.py", MINIMAL + "lr = (\n")
+    with pytest.raises(UserError, match="cannot load config"):
+        load_config(str(path))
+
+
+def test_base_inheritance_overrides_and_merges_dicts(tmp_path):
+    write(tmp_path, "base.py", MINIMAL + "lr = 1e-3\nllm_lora = dict(r=8, lora_alpha=16)\n")
+    child = write(tmp_path, "child.py", """
+        _base_ = ['./base.py']
+        lr = 2e-5
+        llm_lora = dict(r=64)
+        batch_size = 4
+    """)
+    cfg = load_config(str(child))
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.data.prompt_template) == (2e-5, 4, "vicuna")
+    assert cfg.model.llm_lora == {"r": 64, "lora_alpha": 16}  # mmengine merges dicts key by key
+    assert cfg.name == "child"
+
+
+def test_cfg_options_override_values_nested_keys_and_are_validated(tmp_path):
+    path = write(tmp_path, "base.py", MINIMAL + "llm_lora = dict(r=8, lora_alpha=16)\n")
+    cfg = load_config(str(path), {"lr": 5e-4, "batch_size": 3, "llm_lora.r": 32, "prompt_template": "plain"})
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.data.prompt_template) == (5e-4, 3, "plain")
+    assert cfg.model.llm_lora == {"r": 32, "lora_alpha": 16}
+    with pytest.raises(UserError, match="unknown config key 'bacth_size'.*did you mean 'batch_size'"):
+        load_config(str(path), {"bacth_size": 3})
+    with pytest.raises(UserError, match="'lr' should be float"):
+        load_config(str(path), {"lr": "fast"})
+
+
+def test_saved_text_round_trips(tmp_path):
+    cfg = load_config(str(write(tmp_path, "mine.py", MINIMAL + "llm_lora = dict(r=8)\nbetas = (0.9, 0.95)\n")))
+    again = config_from_text(cfg.text, "work_dir/mine.py")
+    assert (again.model, again.data, again.train) == (cfg.model, cfg.data, cfg.train)
+
+
+# ---- shipped configs
+
+
+def test_list_configs_lists_shipped_files_sorted_and_filters():
+    names = list_configs()
+    assert names == sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    assert {"tiny_llava_pretrain", "tiny_llava_finetune_lora", "tiny_llava_finetune_qlora"} <= set(names)
+    assert list_configs("QLORA") == [n for n in names if "qlora" in n] and "tiny_llava_finetune_qlora" in list_configs("QLORA")
+    assert list_configs("no-such-config") == []
+
+
+def test_every_shipped_config_loads_with_a_known_template(tiny):
+    for name in list_configs():
+        assert resolve_config_path(name) == CONFIG_DIR / f"{name}.py"
+        assert resolve_config_path(f"{name}.py") == CONFIG_DIR / f"{name}.py"
+        cfg = load_config(name)
+        assert cfg.name == name and cfg.data.prompt_template in TEMPLATES, name
+
+
+def test_tiny_configs_point_at_the_tiny_models_and_inherit(tiny):
+    pretrain = load_config("tiny_llava_pretrain")
+    assert pretrain.model.llm_name_or_path == f"{tiny.root}/llm"
+    assert pretrain.model.visual_encoder_name_or_path == f"{tiny.root}/clip"
+    assert pretrain.data.data_path == f"{tiny.root}/data/pretrain.json"
+    qlora = load_config("tiny_llava_finetune_qlora")  # qlora <- lora <- pretrain
+    assert qlora.model.quantization == "4bit" and qlora.model.llm_lora is not None
+    assert qlora.data.data_path == f"{tiny.root}/data/finetune.json" and qlora.data.image_folder == pretrain.data.image_folder
+
+
+def test_unknown_config_name_suggests_close_ones():
+    with pytest.raises(UserError, match="did you mean tiny_llava_pretrain"):
+        resolve_config_path("tiny_llava_pretrian")
+    with pytest.raises(UserError, match="list-cfg"):
+        resolve_config_path("zzzz")
