@@ -1,0 +1,64 @@
+"""Key maps between our LlavaModel's parameter names and the layouts other tools read. Pure data.
+
+Our names are `LlavaModel.state_dict()` names after LoRA is merged (no peft wrappers):
+    llm.model.layers.0.self_attn.q_proj.weight, llm.lm_head.weight,
+    visual_encoder.embeddings.patch_embedding.weight (transformers >= 5: no `vision_model.` level),
+    projector.model.0.weight, projector.model.2.weight (XTuner's ProjectorModel layout).
+
+Each map is a tuple of (our prefix, their prefix) rules: a key takes the rule with the longest prefix it
+starts with, and a key no rule matches is an error (never silently dropped). `rename` in pth_to_hf applies
+them; reading a layout back applies the same rules with each pair swapped. Causal LMs whose decoder is `model` and head `lm_head`
+(Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...) are covered; others fail with the unmatched keys named.
+"""
+
+# transformers' LlavaForConditionalGeneration as stored on disk by llava-hf's checkpoints and transformers 4:
+# transformers 5 reads these names through its own conversion mapping, so one folder serves both.
+# Projector depth must be 2: Llava has exactly linear_1 -> act -> linear_2.
+HUGGINGFACE_LLAVA: tuple[tuple[str, str], ...] = (
+    ("llm.model.", "language_model.model."),
+    ("llm.lm_head.", "language_model.lm_head."),
+    ("visual_encoder.", "vision_tower.vision_model."),
+    ("projector.model.0.", "multi_modal_projector.linear_1."),
+    ("projector.model.2.", "multi_modal_projector.linear_2."),
+)
+
+# The same model's module names as transformers 5 builds it in memory (`state_dict()` of a loaded
+# LlavaForConditionalGeneration): used to check every weight fits before saving and to read a folder back.
+HUGGINGFACE_LLAVA_MODULES: tuple[tuple[str, str], ...] = (
+    ("llm.model.", "model.language_model."),
+    ("llm.lm_head.", "lm_head."),
+    ("visual_encoder.", "model.vision_tower."),
+    ("projector.model.0.", "model.multi_modal_projector.linear_1."),
+    ("projector.model.2.", "model.multi_modal_projector.linear_2."),
+)
+
+# haotian-liu/LLaVA's LlavaLlamaForCausalLM (one checkpoint: the LLM with the projector inside; the vision
+# tower is stored only when it was trained, with `unfreeze_mm_vision_tower=True` so LLaVA keeps these
+# weights instead of reloading `mm_vision_tower`). LLaVA runs on transformers 4, whose CLIPVisionModel has a
+# `vision_model.` level. This is XTuner's `to_official_llava` map.
+OFFICIAL_LLAVA: tuple[tuple[str, str], ...] = (
+    ("llm.model.", "model."),
+    ("llm.lm_head.", "lm_head."),
+    ("visual_encoder.", "model.vision_tower.vision_tower.vision_model."),
+    ("projector.model.", "model.mm_projector."),
+)
+
+# The `projector/` folder of XTuner's layout: a ProjectorModel whose keys are `model.0.weight`, ...
+XTUNER_PROJECTOR: tuple[tuple[str, str], ...] = (("projector.", ""),)
+
+# XTuner's `projector/config.json` keys (ProjectorConfig) and the `model_type` it registers.
+PROJECTOR_MODEL_TYPE = "projector"
+PROJECTOR_CONFIG_KEYS = ("visual_hidden_size", "llm_hidden_size", "depth", "hidden_act", "bias")
+
+# haotian-liu/LLaVA class and model_type per LLM model_type (LLaVA-1.5 has Llama and, later, Mistral;
+# model_type "llava" is what the released llava-v1.5 checkpoints and XTuner's converter write).
+OFFICIAL_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlavaLlamaForCausalLM", "llava"),
+    "mistral": ("LlavaMistralForCausalLM", "llava_mistral"),
+}
+
+# Folder names inside an xtuner-layout save dir (XTuner's names, read by its chat and by ours).
+LLM_ADAPTER_DIR = "llm_adapter"
+VISUAL_ENCODER_ADAPTER_DIR = "visual_encoder_adapter"
+VISUAL_ENCODER_DIR = "visual_encoder"
+PROJECTOR_DIR = "projector"
