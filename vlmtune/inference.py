@@ -14,7 +14,7 @@ from PIL import Image
 from vlmtune.data.image import ImagePreprocessor
 from vlmtune.data.templates import Template
 from vlmtune.data.tokenize import tokenize_conversation
-from vlmtune.model.llava import LlavaModel
+from vlmtune.model.llava import LlavaModel, splice_image_features
 
 NO_LIMIT = 1 << 30  # prompts are never truncated at inference
 
@@ -45,19 +45,38 @@ class Generator:
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
     @torch.inference_mode()
-    def generate_ids(self, prompts: list[list[int]], images: list[list[Image.Image]], **gen_kwargs) -> list[list[int]]:
-        """New token ids for each prompt (ids with IMAGE_TOKEN_INDEX slots) and its images, batched."""
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """Projected image features [N, P, D] (CLIP + projector run here, once per image), None without images."""
+        pixels = self.pixel_values(images)
+        return None if pixels is None else self.model.encode_images(pixels)
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Left-padded inputs_embeds [B, L, D] + attention_mask [B, L]: `features` spliced at the image slots."""
         T = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        pixels = self.pixel_values([im for ims in images for im in ims])
-        inputs = self.model.prepare_inputs(input_ids, mask, pixel_values=pixels, padding_side="left")
-        out = self.model.llm.generate(
+        text_embeds = self.model.llm.get_input_embeddings()(input_ids.clamp(min=0))  # image ids: dummy rows
+        return splice_image_features(text_embeds, input_ids, mask, None, features, padding_side="left")
+
+    @torch.inference_mode()
+    def generate_embeds(self, inputs: dict[str, torch.Tensor], **gen_kwargs) -> torch.Tensor:
+        """The one call into the LLM's `generate`: new ids [B, new] (padded after EOS) for `embed`'s output.
+
+        Chat passes `cache=` (a DynamicCache holding a prefix of these embeddings) and `streamer=`; generate
+        then runs only the positions the cache lacks.
+        """
+        return self.model.llm.generate(
             inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-            pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=list(self.template.stop_words) or None, tokenizer=self.tokenizer, **gen_kwargs,
         )
+
+    def generate_ids(self, prompts: list[list[int]], images: list[list[Image.Image]], **gen_kwargs) -> list[list[int]]:
+        """New token ids for each prompt (ids with IMAGE_TOKEN_INDEX slots) and its images, batched."""
+        features = self.encode_images([im for ims in images for im in ims])
+        out = self.generate_embeds(self.embed(prompts, features), **gen_kwargs)
         return [self._strip(row.tolist()) for row in out]
 
     def _strip(self, ids: list[int]) -> list[int]:
