@@ -7,8 +7,8 @@ trained and evaluated with. A turn is laid out as
 
 where EOS is added (with loss) only when the suffix is not itself the end-of-turn token
 (`suffix_as_eos=False`, e.g. vicuna), and `sep` (no loss) follows every assistant turn.
-`plain` is LLaVA's pretraining format: the image then the caption then a newline, no chat wrapper and the
-human text dropped.
+`plain` is LLaVA's pretraining format: the image then the caption then a newline, no chat wrapper, and the
+human text and any system text dropped.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ TEMPLATES: dict[str, Template] = {
         ),
         Template(
             name="plain",
+            system="",  # LLaVA's conv_llava_plain has no system text; a configured one is dropped
             instruction="{input}",
             suffix="\n",
             suffix_as_eos=True,
