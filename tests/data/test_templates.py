@@ -39,7 +39,7 @@ XTUNER = {
         instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
         suffix="<|end|>", suffix_as_eos=True, sep="\n", stop_words=("<|end|>",),
     ),
-    "plain": dict(instruction="{input}", suffix="\n", suffix_as_eos=True, sep="", stop_words=("\n",)),
+    "plain": dict(system="", instruction="{input}", suffix="\n", suffix_as_eos=True, sep="", stop_words=("\n",)),
 }
 
 
@@ -78,6 +78,7 @@ def test_plain_keeps_only_the_images_of_the_human_turn():
     assert t.render_input("<image>\nDescribe the photo briefly.", 1) == "<image>"
     assert t.render_input("<image>\n<image>\nCompare.", 1) == "<image><image>"
     assert t.render_input("No image here.", 2) == ""
+    assert t.render_input("<image>\nDescribe.", 1, system="Be brief.") == "<image>"  # LLaVA plain has no system
     assert t.render_output("A cat on a mat.") == "A cat on a mat.\n"
 
 
