@@ -19,42 +19,56 @@ import pytest
 import torch
 from mmbench_tsv import base_questions, rotations, write_tsv
 
+from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
 from vlmtune.config import ModelConfig
-from vlmtune.data.image import ImagePreprocessor
-from vlmtune.data.templates import get_template
-from vlmtune.eval.mmbench import DEFAULT_MAX_NEW_TOKENS, gather_predictions, run_mmbench
+from vlmtune.convert.pth_to_hf import save_projector
+from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, find_resumable, gather_predictions, generation_args,
+                                  run_mmbench)
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
-from vlmtune.eval.results import read_predictions
+from vlmtune.eval.results import read_predictions, write_args
 from vlmtune.eval.scoring import score
 from vlmtune.inference import Generator
-from vlmtune.model.build import build_model, load_image_processor, load_tokenizer
+from vlmtune.loading import load_generator
+from vlmtune.model.build import build_model
 
 MAX_NEW = 8  # enough tokens for the tiny model's answers to differ between questions
 
 
 @pytest.fixture(scope="module")
-def generator(tiny) -> Generator:
-    """A Generator over the tiny LLM + CLIP + a fresh projector, as MMBench runs it (vicuna, pad to square)."""
+def model_args(tiny, tmp_path_factory) -> list[str]:
+    """CLI model flags for the tiny LLM + CLIP + a seeded projector saved as `convert pth_to_hf` saves it."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(str(tiny.llm), str(tiny.clip), torch_dtype="float32"), for_training=False)
-    preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
-    return Generator(model.eval(), load_tokenizer(str(tiny.llm)), get_template("vicuna"), preprocess, image_length=576)
+    llava = tmp_path_factory.mktemp("llava")
+    save_projector(model, llava / "projector")
+    return [str(tiny.llm), "--llava", str(llava), "--visual-encoder", str(tiny.clip), "--prompt-template", "vicuna",
+            "--torch-dtype", "float32", "--device", "cpu", "--max-new-tokens", str(MAX_NEW)]
 
 
-@pytest.fixture
-def mixed_tsv(tmp_path, images):
+@pytest.fixture(scope="module")
+def generator(model_args) -> Generator:
+    """The Generator `vlmtune mmbench` builds from those flags (vlmtune.loading), images padded to square."""
+    args = build_parser().parse_args(["mmbench", *model_args, "--data-path", "unused.tsv"])
+    generator = load_generator(args)
+    assert generator.preprocess.pad_to_square
+    return generator
+
+
+@pytest.fixture(scope="module")
+def mixed_tsv(tmp_path_factory, images):
     """Dev TSV of 12 rows whose prompts have different lengths (one question has a hint): batches get padding."""
     rows = [r for q in base_questions(images) for r in rotations(q, 4, image_refs=True)]
-    return write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
+    return write_tsv(tmp_path_factory.mktemp("mixed") / "MMBench_DEV_EN.tsv", rows)
 
 
-def one_at_a_time(generator: Generator, tsv: Path) -> dict[int, str]:
+@pytest.fixture(scope="module")
+def one_at_a_time(generator, mixed_tsv) -> dict[int, str]:
     """Reference predictions: the Generator's single-prompt `answer`, row by row, in file order."""
     return {
         q.index: generator.answer(build_prompt(q), decode_image(q), max_new_tokens=MAX_NEW)
-        for q in load_mmbench(tsv).questions
+        for q in load_mmbench(mixed_tsv).questions
     }
 
 
@@ -83,20 +97,20 @@ def test_dev_run_writes_sheet_and_scores_of_what_was_generated(generator, mixed_
     assert len(set(logged.values())) > 1  # the tiny model does answer differently per question
 
 
-def test_batched_equals_one_at_a_time(generator, mixed_tsv, tmp_path):
+def test_batched_equals_one_at_a_time(generator, mixed_tsv, one_at_a_time, tmp_path):
     data = load_mmbench(mixed_tsv)
-    reference = one_at_a_time(generator, mixed_tsv)
-    for batch_size in (1, 5, 12):
+    reference = one_at_a_time
+    for batch_size in (5, 12):  # 5: a short last batch; 12: every length in one left-padded batch
         run_dir = tmp_path / f"bs{batch_size}"
         run_dir.mkdir()
         run_mmbench(generator, data, run_dir, batch_size=batch_size, max_new_tokens=MAX_NEW)
         assert gather_predictions(run_dir) == reference, f"batch size {batch_size}"
 
 
-def test_rerun_in_same_folder_generates_only_missing_rows(generator, mixed_tsv, tmp_path, capsys):
+def test_rerun_in_same_folder_generates_only_missing_rows(generator, mixed_tsv, one_at_a_time, tmp_path, capsys):
     """A log holding some rows (and a line cut mid-write) is continued; finished rows are not regenerated."""
     data = load_mmbench(mixed_tsv)
-    reference = one_at_a_time(generator, mixed_tsv)
+    reference = one_at_a_time
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     kept = [q.index for q in data.questions[:5]]
@@ -128,3 +142,114 @@ def test_test_split_writes_submission_sheet(generator, tmp_path, images, capsys)
     assert read_predictions(run_dir / "MMBench_TEST_EN_result.xlsx") == gather_predictions(run_dir)
     assert not list(run_dir.glob("*_acc.*"))
     assert "submit" in capsys.readouterr().out
+
+
+# ---- through the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_tsv(tmp_path, images):
+    """Dev TSV of 24 rows (6 questions x 4 rotations): long enough to kill a run in the middle."""
+    questions = [dict(q, index=q["index"] + 10 * copy) for copy in range(2) for q in base_questions(images)]
+    return write_tsv(tmp_path / "MMBench_DEV_EN.tsv", [r for q in questions for r in rotations(q, 4, image_refs=True)])
+
+
+def run_dirs(work_dir: Path) -> list[Path]:
+    """The run folders `vlmtune mmbench` made in work_dir."""
+    return sorted(p.parent for p in work_dir.glob("*/args.json"))
+
+
+def log_lines(run_dir: Path) -> list[str]:
+    """Complete lines of every prediction log in run_dir."""
+    return [line for log in run_dir.glob("predictions*.jsonl") for line in log.read_text().splitlines(keepends=True)
+            if line.endswith("\n")]
+
+
+def command(model_args, tsv, work_dir, *more) -> list[str]:
+    return ["mmbench", *model_args, "--data-path", str(tsv), "--work-dir", str(work_dir), *more]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(model_args, long_tsv, tmp_path, capsys):
+    rows = len(load_mmbench(long_tsv).questions)
+    assert cli_main(command(model_args, long_tsv, tmp_path / "whole", "--batch-size", "8")) == 0
+    (whole,) = run_dirs(tmp_path / "whole")
+    expected = gather_predictions(whole)
+    assert len(expected) == rows and (whole / "MMBench_DEV_EN_result.xlsx").is_file()
+
+    work_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtune", *command(model_args, long_tsv, work_dir, "--batch-size", "1")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        dirs = run_dirs(work_dir)
+        if dirs and len(log_lines(dirs[0])) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = run_dirs(work_dir)
+    before = len(log_lines(run_dir))
+    assert 3 <= before < rows, "the run was not killed in the middle"
+    assert not (run_dir / "MMBench_DEV_EN_result.xlsx").exists()
+
+    capsys.readouterr()
+    assert cli_main(command(model_args, long_tsv, work_dir, "--batch-size", "4")) == 0  # batch size may change
+    assert run_dirs(work_dir) == [run_dir]  # continued in the same folder
+    assert f"resuming {run_dir}: {before} of {rows} rows" in capsys.readouterr().out
+    assert len(log_lines(run_dir)) == rows  # each row generated once: only the rest was done
+    assert gather_predictions(run_dir) == expected
+    assert read_predictions(run_dir / "MMBench_DEV_EN_result.xlsx") == expected
+
+
+def test_only_unfinished_runs_with_the_same_generation_arguments_resume(model_args, mixed_tsv, tmp_path):
+    def wanted(*more):
+        return generation_args(build_parser().parse_args(command(model_args, mixed_tsv, tmp_path, *more)))
+
+    run_dir = tmp_path / "20250101_000000"
+    run_dir.mkdir()
+    write_args(run_dir, {"generation": wanted()})
+    assert find_resumable(tmp_path, wanted("--batch-size", "3", "--matcher", "xtuner", "--device", "cuda")) == run_dir
+    assert find_resumable(tmp_path, wanted("--max-new-tokens", "3")) is None
+    assert find_resumable(tmp_path, wanted("--no-pad-image-to-square")) is None
+    (run_dir / "MMBench_DEV_EN_result.xlsx").touch()  # finished: a rerun starts a new evaluation
+    assert find_resumable(tmp_path, wanted()) is None
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, tmp_path):
+    single = tmp_path / "single"
+    assert cli_main(command(model_args, mixed_tsv, single, "--batch-size", "4")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("PORT", None)
+    done = subprocess.run([sys.executable, "-m", "vlmtune", *command(model_args, mixed_tsv, tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "two")
+    logs = sorted(p.name for p in run_dir.glob("predictions*.jsonl"))
+    assert logs == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
+    rank1 = read_predictions(run_dir / "predictions.rank1.jsonl")
+    assert sorted(rank1) == sorted(q.index for q in load_mmbench(mixed_tsv).questions[1::2])
+    assert gather_predictions(run_dir) == gather_predictions(run_dirs(single)[0])
+    assert read_predictions(run_dir / "MMBench_DEV_EN_result.xlsx") == gather_predictions(run_dir)
+
+
+def test_predictions_flag_rescores_without_a_model(model_args, mixed_tsv, tmp_path):
+    assert cli_main(command(model_args, mixed_tsv, tmp_path / "run", "--batch-size", "12")) == 0
+    (run_dir,) = run_dirs(tmp_path / "run")
+    sheet = run_dir / "MMBench_DEV_EN_result.xlsx"
+    assert cli_main(["mmbench", "--predictions", str(sheet), "--data-path", str(mixed_tsv),
+                     "--work-dir", str(tmp_path / "rescored"), "--matcher", "xtuner"]) == 0
+    (rescored,) = run_dirs(tmp_path / "rescored")
+    summary = json.loads((rescored / "MMBench_DEV_EN_acc.json").read_text())
+    expected = score(load_mmbench(mixed_tsv), gather_predictions(run_dir), "xtuner").table
+    assert summary["matcher"] == "xtuner" and summary["predicted_rows"] == 12
+    assert [row["Overall"] for row in summary["accuracy"]] == list(expected["Overall"])
+
+
+def test_bad_data_file_is_one_line_error_before_loading_the_model(tmp_path, capsys):
+    code = cli_main(["mmbench", "no/such/llm", "--data-path", str(tmp_path / "missing.tsv"), "--work-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmtune: error:") and "missing.tsv" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())  # no run folder for a run that never started

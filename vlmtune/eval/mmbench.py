@@ -5,8 +5,9 @@
                      -> barrier -> rank 0 gathers every log -> finish_run (sheet, scores, report)
 
 Each prompt is `build_prompt(question)` wrapped by the model's template through `Generator.prompt_ids`, the
-tokenization path of training; the image is padded to square as in LLaVA/XTuner finetuning. With
-`--predictions FILE` nothing is generated: the file is re-scored.
+tokenization path of training; the image is padded to square as the model was trained (LLaVA-1.5 / XTuner
+finetunes pad) unless --[no-]pad-image-to-square says otherwise. With `--predictions FILE` nothing is
+generated: the file is re-scored.
 
 Resuming: every finished prediction is flushed to a JSONL log in the run folder at once. Re-running the same
 command continues the newest unfinished run in --work-dir whose generation arguments match (batch size,
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vlmtune.data.image import ImagePreprocessor
 from vlmtune.engine.launch import relaunch
 from vlmtune.errors import UserError
 from vlmtune.eval.mmbench_data import MMBenchData, Question, decode_image, load_mmbench
@@ -52,6 +54,8 @@ def main(args) -> int:
     if args.predictions:
         rescore(args.predictions, args.data_path, args.matcher, args.work_dir)
         return 0
+    if args.model_name_or_path is None:
+        raise UserError("give the model to evaluate (MODEL_NAME_OR_PATH), or --predictions FILE to re-score")
     code = relaunch(args.argv)  # NPROC_PER_NODE / NNODES set: run this command again under torchrun
     if code is not None:
         return code
@@ -160,15 +164,15 @@ def find_resumable(work_dir: Path, wanted: dict) -> Path | None:
 
 
 def load_for_eval(args, world: int):
-    """The Generator for the CLI flags (vlmtune.loading), with MMBench's image padding; one GPU per rank."""
-    from vlmtune.data.image import ImagePreprocessor
+    """The Generator for the CLI flags (vlmtune.loading); --[no-]pad-image-to-square overrides the padding
+    the model was trained with. Under torchrun each rank takes the GPU of its local rank."""
     from vlmtune.loading import load_generator
 
-    if world > 1 and args.device == "auto" and torch.cuda.is_available():
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if world > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # device 'auto' / 'cuda' then means this GPU
     generator = load_generator(args)
-    generator.model.eval()
-    generator.preprocess = ImagePreprocessor(generator.preprocess.image_processor, args.pad_image_to_square)
+    if args.pad_image_to_square is not None:
+        generator.preprocess = ImagePreprocessor(generator.preprocess.image_processor, args.pad_image_to_square)
     return generator
 
 

@@ -1,0 +1,116 @@
+"""MMBench generation throughput: batched (left-padded) vs one row at a time, on the tiny CPU models.
+
+    python scripts/bench/bench_mmbench.py [--questions 16] [--batch-size 16] [--max-new-tokens 5]
+
+Builds the tiny models and a circular dev TSV of real JPEGs (4 rotations per question) in a temporary folder,
+runs `run_mmbench` with batch size 1 and with --batch-size over the same rows in this process (interleaved,
+--repeats times each; the fastest run of each mode counts), checks every run gives identical predictions, and
+prints rows/s and the ratio. Exits 1 if the predictions differ.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from vlmtune.config import ModelConfig
+from vlmtune.data.image import ImagePreprocessor
+from vlmtune.data.templates import get_template
+from vlmtune.eval.mmbench import gather_predictions, run_mmbench
+from vlmtune.eval.mmbench_data import load_mmbench
+from vlmtune.inference import Generator
+from vlmtune.model.build import build_model, load_image_processor, load_tokenizer
+from vlmtune.tiny import make_tiny
+
+PICTURES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "horse", "page")
+
+
+def jpeg_b64(name: str, k: int) -> str:
+    """A skimage sample picture, resized to a per-question aspect ratio, as base64 JPEG."""
+    image = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((200 + 40 * (k % 5), 160 + 30 * (k % 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_tsv(path: Path, questions: int) -> Path:
+    """`questions` 4-option questions x 4 rotations; prompts of varied length (hints on some)."""
+    rows = []
+    for k in range(questions):
+        options = [f"option {k}", "a red cup", "two dogs on a long sandy beach", "blue"]
+        for r in range(4):
+            rotated = options[r:] + options[:r]
+            rows.append(dict(
+                index=k + r * 1_000_000, question=f"Question {k}: what is shown" + " here" * (k % 6) + "?",
+                hint="Look closely at the picture." * (k % 3) or None, **dict(zip("ABCD", rotated)),
+                answer="ABCD"[rotated.index(options[0])], category="image_scene", split="dev",
+                image=jpeg_b64(PICTURES[k % len(PICTURES)], k) if r == 0 else str(k),
+                **{"l2-category": "coarse_perception"},
+            ))
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def timed_run(generator, data, run_dir: Path, batch_size: int, max_new_tokens: int) -> tuple[float, dict[int, str]]:
+    """(seconds, predictions) of one run_mmbench into a fresh folder."""
+    run_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the score table of a random model is noise here
+        run_mmbench(generator, data, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return time.perf_counter() - start, gather_predictions(run_dir)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=16, help="questions (x4 rotations = rows)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode, interleaved; the fastest counts")
+    args = parser.parse_args()
+    print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tiny = make_tiny(root / "tiny")
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(str(tiny.llm), str(tiny.clip), torch_dtype="float32"), for_training=False)
+        preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
+        generator = Generator(model.eval(), load_tokenizer(str(tiny.llm)), get_template("vicuna"), preprocess, 576)
+        data = load_mmbench(write_tsv(root / "MMBench_DEV_EN.tsv", args.questions))
+        warm = load_mmbench(write_tsv(root / "warm.tsv", 2))
+        timed_run(generator, warm, root / "warm", 4, args.max_new_tokens)  # first-call costs out of the timing
+        times: dict[int, list[float]] = {1: [], args.batch_size: []}
+        outputs: dict[int, list[dict[int, str]]] = {1: [], args.batch_size: []}
+        for k in range(args.repeats):
+            for batch_size in times:  # interleaved, so load from other processes hits both modes alike
+                seconds, predictions = timed_run(generator, data, root / f"{k}_bs{batch_size}", batch_size,
+                                                 args.max_new_tokens)
+                times[batch_size].append(seconds)
+                outputs[batch_size].append(predictions)
+    single_s, batched_s = min(times[1]), min(times[args.batch_size])
+    rows = len(data.questions)
+    print(f"\nrows: {rows}, max_new_tokens: {args.max_new_tokens}, fastest of {args.repeats} runs per mode")
+    print(f"one at a time : {rows / single_s:7.1f} rows/s ({single_s:.2f} s)")
+    print(f"batch size {args.batch_size:<3}: {rows / batched_s:7.1f} rows/s ({batched_s:.2f} s)")
+    print(f"ratio batched / one at a time: {single_s / batched_s:.2f}x")
+    reference = outputs[1][0]
+    same = all(p == reference for runs in outputs.values() for p in runs)
+    print("predictions identical:", same)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
