@@ -1,4 +1,4 @@
-"""Token ids and labels for one conversation: THE masking rule, in one place.
+"""Token ids and labels for conversations: THE masking rule, in one place.
 
 Training, in-training evaluation, chat and MMBench all build their ids here, so a prompt at inference is
 byte-for-byte the prefix the model saw in training. The rule is XTuner's `encode_fn` + `template_map_fn`:
@@ -11,15 +11,24 @@ byte-for-byte the prefix the model saw in training. The rule is XTuner's `encode
 
 `max_length` counts every image as the `image_length` tokens it expands to, and truncation never cuts
 through an image slot.
+
+Three steps, shared by one conversation (chat, eval) and 665K of them (the dataset cache):
+`render_units` lays a conversation out as encoding units (text or a ready id, with its loss flag) - the rule
+itself; `encode_texts` encodes the units' texts in one batched call (the Rust tokenizer, as
+`tokenizer.encode(text, add_special_tokens=False)` would one by one); `assemble` concatenates and truncates,
+vectorised over all conversations.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlmtune.data.templates import Template
+
+Unit = tuple  # (text: str to encode | id: int, supervised: bool)
 
 
 @dataclass
@@ -38,19 +47,29 @@ class Tokenized:
         return any(label != IGNORE_INDEX for label in self.labels)
 
 
-def encode_text(text: str, tokenizer) -> list[int]:
-    """Ids of `text` with each `<image>` replaced by IMAGE_TOKEN_INDEX; no special tokens added.
+@dataclass
+class TokenizedBatch:
+    """Many samples' ids/labels, concatenated: sample i is input_ids[offsets[i] : offsets[i + 1]].
 
-    Chunks between images are encoded separately, as XTuner and LLaVA do, so ids match theirs.
+    input_ids, labels: [T] int32; offsets: [N + 1] int64; lengths (image-expanded), num_images: [N] int64;
+    truncated, trainable: [N] bool.
     """
-    chunks = text.split(DEFAULT_IMAGE_TOKEN)
-    ids: list[int] = []
-    for i, chunk in enumerate(chunks):
-        if i > 0:
-            ids.append(IMAGE_TOKEN_INDEX)
-        if chunk:
-            ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
-    return ids
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    num_images: np.ndarray
+    truncated: np.ndarray
+    trainable: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> Tokenized:
+        s, e = self.offsets[i], self.offsets[i + 1]
+        return Tokenized(self.input_ids[s:e].tolist(), self.labels[s:e].tolist(), int(self.lengths[i]),
+                         int(self.num_images[i]), bool(self.truncated[i]))
 
 
 def special_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -60,56 +79,110 @@ def special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
-def tokenize_conversation(
-    turns: list[tuple[str, str | None]],
-    tokenizer,
-    template: Template,
-    max_length: int,
-    image_length: int,
-    system: str = "",
-) -> Tokenized:
-    """ids + labels for `turns` = [(user, assistant), ...].
+def prompt_units(text: str) -> list[Unit]:
+    """`text` cut at each `<image>` (one IMAGE_TOKEN_INDEX id each); chunks are encoded separately, as XTuner
+    and LLaVA do, so ids match theirs. No loss."""
+    units = []
+    for i, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        if i:
+            units.append((IMAGE_TOKEN_INDEX, False))
+        if chunk:
+            units.append((chunk, False))
+    return units
 
-    A last turn whose assistant text is None yields the generation prompt (instruction only), which is
-    exactly the prefix the same turn has in training.
+
+def render_units(turns, template: Template, system: str, bos: list[int], eos: list[int]) -> list[Unit]:
+    """The encoding units of `turns` = [(user, assistant), ...] in order, each with its loss flag.
+
+    A last turn whose assistant text is None ends with its instruction: the generation prompt, exactly the
+    prefix the same turn has in training.
     """
-    bos, eos = special_ids(tokenizer)
-    sep_ids = tokenizer.encode(template.sep, add_special_tokens=False) if template.sep else []
-    ids: list[int] = []
-    labels: list[int] = []
+    units: list[Unit] = []
     needs_bos = True
     for round_idx, (user, answer) in enumerate(turns, start=1):
         if needs_bos:
-            ids += bos
-            labels += [IGNORE_INDEX] * len(bos)
-        prompt = encode_text(template.render_input(user, round_idx, system), tokenizer)
-        ids += prompt
-        labels += [IGNORE_INDEX] * len(prompt)
+            units += [(i, False) for i in bos]
+        units += prompt_units(template.render_input(user, round_idx, system))
         if answer is None:
             break
-        out = tokenizer.encode(template.render_output(answer), add_special_tokens=False)
-        ids += out
-        labels += out
+        units.append((template.render_output(answer), True))
         needs_bos = not template.suffix_as_eos
         if needs_bos:
-            ids += eos
-            labels += eos
-        ids += sep_ids
-        labels += [IGNORE_INDEX] * len(sep_ids)
-    return truncate(ids, labels, max_length, image_length)
+            units += [(i, True) for i in eos]
+        if template.sep:
+            units.append((template.sep, False))
+    return units
+
+
+def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
+    """`[tokenizer.encode(t, add_special_tokens=False) for t in texts]`, in one batched call.
+
+    A Rust (`tokenizers`) tokenizer is called through `encode_batch_fast` (no offsets) when its backend is
+    in the state `encode` puts it in (no truncation or padding, the same special-token splitting); any
+    other tokenizer, or state, through `tokenizer(texts)`.
+    """
+    if not texts:
+        return []
+    backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
+    if backend is not None and backend.truncation is None and backend.padding is None \
+            and backend.encode_special_tokens == tokenizer.split_special_tokens:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """Ids of `text` with each `<image>` replaced by IMAGE_TOKEN_INDEX; no special tokens added."""
+    units = prompt_units(text)
+    encoded = iter(encode_texts([u for u, _ in units if isinstance(u, str)], tokenizer))
+    return [i for u, _ in units for i in (next(encoded) if isinstance(u, str) else [u])]
+
+
+def tokenize_conversations(conversations, tokenizer, template: Template, max_length: int, image_length: int) -> TokenizedBatch:
+    """ids + labels of many `(turns, system)` conversations; each distinct text is encoded once."""
+    bos, eos = special_ids(tokenizer)
+    rendered = [render_units(turns, template, system, bos, eos) for turns, system in conversations]
+    texts = list(dict.fromkeys(u for units in rendered for u, _ in units if isinstance(u, str)))
+    encoded = dict(zip(texts, encode_texts(texts, tokenizer)))
+    return assemble(rendered, encoded, max_length, image_length)
+
+
+def tokenize_conversation(turns, tokenizer, template: Template, max_length: int, image_length: int, system: str = "") -> Tokenized:
+    """ids + labels for `turns` = [(user, assistant), ...] (see `render_units`)."""
+    return tokenize_conversations([(turns, system)], tokenizer, template, max_length, image_length)[0]
+
+
+def assemble(rendered: list[list[Unit]], encoded: dict[str, list[int]], max_length: int, image_length: int) -> TokenizedBatch:
+    """Concatenate each conversation's units (texts looked up in `encoded`), then truncate them all."""
+    pieces = [encoded[u] if isinstance(u, str) else (u,) for units in rendered for u, _ in units]
+    sizes = np.fromiter(map(len, pieces), np.int64, count=len(pieces))
+    ids = np.fromiter(itertools.chain.from_iterable(pieces), np.int32, count=int(sizes.sum()))
+    supervised = np.fromiter((s for units in rendered for _, s in units), bool, count=len(pieces))
+    labels = np.where(np.repeat(supervised, sizes), ids, np.int32(IGNORE_INDEX)).astype(np.int32)
+    owner = np.repeat(np.arange(len(rendered)), [len(units) for units in rendered])  # conversation of each unit
+    counts = np.bincount(owner, weights=sizes, minlength=len(rendered)).astype(np.int64)
+    return truncate_batch(ids, labels, np.concatenate([[0], np.cumsum(counts)]), max_length, image_length)
+
+
+def truncate_batch(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max_length: int, image_length: int) -> TokenizedBatch:
+    """Cut each sample so its image-expanded length fits `max_length`; an image is kept whole or dropped."""
+    n = len(offsets) - 1
+    counts = np.diff(offsets)
+    owner = np.repeat(np.arange(n), counts)  # sample of each token
+    widths = np.where(ids == IMAGE_TOKEN_INDEX, image_length, 1).astype(np.int64)
+    ends = np.cumsum(widths)
+    starts = np.concatenate([[0], ends])[offsets[:-1]]  # expanded position where each sample begins
+    keep = ends - np.repeat(starts, counts) <= max_length  # a prefix of every sample: ends only grow
+    per_sample = lambda mask: np.bincount(owner, weights=mask, minlength=n).astype(np.int64)  # noqa: E731
+    kept = per_sample(keep)
+    return TokenizedBatch(
+        input_ids=ids[keep], labels=labels[keep], offsets=np.concatenate([[0], np.cumsum(kept)]),
+        lengths=per_sample(widths * keep), num_images=per_sample(keep & (ids == IMAGE_TOKEN_INDEX)),
+        truncated=kept < counts, trainable=per_sample(keep & (labels != IGNORE_INDEX)) > 0,
+    )
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, image_length: int) -> Tokenized:
-    """Cut ids/labels so the image-expanded length fits `max_length`; an image is kept whole or dropped."""
-    widths = np.where(np.asarray(ids, dtype=np.int64) == IMAGE_TOKEN_INDEX, image_length, 1)
-    ends = np.cumsum(widths)  # expanded length after each token
-    keep = int(np.searchsorted(ends, max_length, side="right"))
-    truncated = keep < len(ids)
-    ids, labels = ids[:keep], labels[:keep]
-    return Tokenized(
-        input_ids=ids,
-        labels=labels,
-        length=int(ends[keep - 1]) if keep else 0,
-        num_images=ids.count(IMAGE_TOKEN_INDEX),
-        truncated=truncated,
-    )
+    """One sample's `truncate_batch`: ids/labels cut to fit `max_length` (images counted expanded)."""
+    batch = truncate_batch(np.asarray(ids, dtype=np.int32).reshape(-1), np.asarray(labels, dtype=np.int32).reshape(-1),
+                           np.array([0, len(ids)]), max_length, image_length)
+    return batch[0]
