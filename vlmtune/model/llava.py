@@ -68,13 +68,15 @@ class LlavaModel(nn.Module):
         loss_sum = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        if pixel_values is None or not len(pixel_values):
-            loss_sum = loss_sum + self._touch_vision_params()
+        loss_sum = loss_sum + self._touch_vision_params()  # on every batch: see _touch_vision_params
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
     def _touch_vision_params(self) -> torch.Tensor:
-        """0 * (trainable vision/projector params): a text-only batch still gives every trainable parameter a
-        (zero) gradient, so ZeRO/DDP reductions see the same parameters on every rank and do not hang."""
+        """0 * (trainable vision/projector params), added to every batch's loss: every trainable parameter then
+        gets a (zero) gradient on every rank, so ZeRO/DDP reductions see the same parameters everywhere. Text-only
+        batches reach no vision parameter, and image batches none of CLIP's layers after `visual_select_layer`
+        (trainable with CLIP LoRA or a CLIP finetune): a rank with a text-only micro-batch next to one with
+        images otherwise sends a different gradient bucket and the reduction fails."""
         params = [p for m in (self.visual_encoder, self.projector) for p in m.parameters() if p.requires_grad]
         if not params:
             return torch.zeros((), device=self.projector.model[0].weight.device)
