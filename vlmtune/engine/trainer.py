@@ -25,6 +25,9 @@ from vlmtune.engine.metrics import Metrics
 from vlmtune.errors import UserError
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "segment_ids")  # segment_ids: packed only
+
+
 @dataclass
 class TrainState:
     """Where the run is; saved in every checkpoint so a resume continues exactly."""
@@ -94,9 +97,10 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
         counts = torch.tensor([[*count_tokens(b, image_length), len(b["ids"]), 0] for _, b in batches]).sum(0)
         counts[3] = len(skipped)
         n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
+        lr = engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside its last engine.step()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for _, batch in batches:
-            out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+            out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in MODEL_INPUTS if k in batch})
             engine.backward(out_sum * info.world_size / max(n_targets, 1), scale_wrt_gas=False)
             engine.step()
             loss_sum += out_sum.detach().double().cpu()
@@ -110,7 +114,7 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
         window["steps"] += 1
         bar.update(1)
         if state.step % tc.logging_interval == 0 or state.step == total_steps:
-            record = _record(engine, state, epoch, total_steps, window, run_start, start_step, info)
+            record = _record(engine, lr, state, epoch, total_steps, window, run_start, start_step, info)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
             metrics.log(record)
@@ -131,15 +135,16 @@ def _to(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _record(engine, state: TrainState, epoch: int, total: int, w: dict, run_start: float, start_step: int, info: DistInfo) -> dict:
-    """The numbers logged for the steps since the last record."""
+def _record(engine, lr: float, state: TrainState, epoch: int, total: int, w: dict, run_start: float, start_step: int,
+            info: DistInfo) -> dict:
+    """The numbers logged for the steps since the last record (`lr`, `grad_norm`: those of the last step)."""
     elapsed = max(time.time() - w["time"], 1e-9)
     per_step = (time.time() - run_start) / max(state.step - start_step, 1)
     grad_norm = engine.get_global_grad_norm()
     return {
         "step": state.step, "total_steps": total, "epoch": epoch,
         "loss": w["loss"] / max(w["targets"], 1),
-        "lr": engine.get_lr()[0],
+        "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "tokens_per_s": w["tokens"] / elapsed,
         "samples_per_s": w["samples"] / elapsed,
