@@ -178,8 +178,9 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(model_args, long_
     assert len(expected) == rows and (whole / "MMBench_DEV_EN_result.xlsx").is_file()
 
     work_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtune", *command(model_args, long_tsv, work_dir, "--batch-size", "1")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    argv = [sys.executable, "-m", "vlmtune", *command(model_args, long_tsv, work_dir, "--batch-size", "1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         dirs = run_dirs(work_dir)
@@ -248,7 +249,8 @@ def test_predictions_flag_rescores_without_a_model(model_args, mixed_tsv, tmp_pa
 
 
 def test_bad_data_file_is_one_line_error_before_loading_the_model(tmp_path, capsys):
-    code = cli_main(["mmbench", "no/such/llm", "--data-path", str(tmp_path / "missing.tsv"), "--work-dir", str(tmp_path)])
+    code = cli_main(["mmbench", "no/such/llm", "--data-path", str(tmp_path / "missing.tsv"),
+                     "--work-dir", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlmtune: error:") and "missing.tsv" in err and "\n" not in err

@@ -14,8 +14,8 @@ command continues the newest unfinished run in --work-dir whose generation argum
 device and matcher may change), so only the missing rows are generated.
 
 Several processes: with NPROC_PER_NODE=N (and NNODES, NODE_RANK, ADDR, PORT for several nodes) the command
-re-launches itself through torchrun, as `vlmtune train` does (engine/launch.py). Rank r answers questions r, r+N, ... into its own log; rank 0 waits at a
-barrier, reads every log and writes the outputs.
+re-launches itself through torchrun, as `vlmtune train` does (engine/launch.py). Rank r answers rows r, r+N, ...
+into its own log; rank 0 waits at a barrier, reads every log and writes the outputs.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main(args) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
     torch.manual_seed(args.seed)
-    rank, world = init_process_group()
+    _, world = init_process_group()
     try:
         data = load_mmbench(args.data_path)  # before the model, so a bad file fails in seconds
         generator = load_for_eval(args, world)
