@@ -12,9 +12,9 @@ import sys
 from vlmtune.errors import UserError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     """Flags shared by chat and mmbench: how to assemble a trained model for inference (as XTuner's)."""
-    p.add_argument("model_name_or_path", help="LLM folder or hub id (the base LLM for LoRA, or a merged/full LLM), "
+    p.add_argument("model_name_or_path", nargs="?" if model_optional else None, help="LLM folder or hub id (the base LLM for LoRA, or a merged/full LLM), "
                    "or a `convert --save-format huggingface` folder")
     p.add_argument("--adapter", help="LLM LoRA adapter folder (llm_adapter/ of a converted model)")
     p.add_argument("--llava", help="folder written by `vlmtune convert pth_to_hf` (projector/, llm_adapter/, ...)")
@@ -84,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(target="vlmtune.chat:main")
 
     p = sub.add_parser("mmbench", help="MMBench / CCBench evaluation (VLMEvalKit-compatible)")
-    _add_model_args(p)
+    _add_model_args(p, model_optional=True)  # not needed with --predictions
     p.add_argument("--data-path", required=True, help="MMBench/CCBench TSV")
     p.add_argument("--work-dir", default="./work_dirs/mmbench")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--matcher", choices=["vlmevalkit", "xtuner"], default="vlmevalkit")
     p.add_argument("--predictions", help="re-score this predictions .xlsx without loading a model")
-    p.add_argument("--pad-image-to-square", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pad-image-to-square", action=argparse.BooleanOptionalAction,
+                   help="default: as the model was trained (its saved config; LLaVA-1.5 finetunes pad)")
     p.set_defaults(target="vlmtune.eval.mmbench:main")
 
     data = sub.add_parser("data", help="check or prepare LLaVA data").add_subparsers(dest="data", metavar="ACTION", required=True)
