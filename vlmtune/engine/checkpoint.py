@@ -51,6 +51,7 @@ def save_checkpoint(engine, model, work_dir: Path, step: int, trainer_state: dic
     torch.save(_rng_state(), tmp_dir / DS_TAG / f"rng_rank{info.rank}.pt")
     barrier()
     if info.is_main:
+        pth.unlink(missing_ok=True)  # an older run's iter_<step>.pth must not outlive the .ds folder replaced here
         if ds_dir.exists():
             shutil.rmtree(ds_dir)
         os.replace(tmp_dir, ds_dir)
@@ -126,7 +127,10 @@ def _load_zero_dir(path: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
     if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
         raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
     config = config_from_text(payload["config_text"], payload["config_name"]) if "config_text" in payload else None
-    return dict(payload["module"]), config
+    # "module" also holds the frozen 4-bit weights' quantization state (absmax, quant_map, ... of a QLoRA LLM);
+    # "param_shapes" names the parameters the optimizer trained, which is what iter_N.pth holds
+    trained = {name for group in payload["param_shapes"] for name in group}
+    return {k: v for k, v in payload["module"].items() if k in trained}, config
 
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
