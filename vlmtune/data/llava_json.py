@@ -7,10 +7,14 @@ skips and counts such records, `vlmtune data check` reports them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.errors import UserError
@@ -173,6 +177,143 @@ class _Blocks:
         at = self.pos if at is None else at
         line = self.line(at)
         raise JSONSyntaxError(self.path, line, self.start + at - self.line_start + 1, msg)
+
+
+CHUNK_BYTES = 4 << 20  # records go to the tokenizing workers ~4 MB of JSON at a time
+SCAN_BYTES = 16 << 20  # the structure of a JSON list is scanned 16 MB at a time
+BACKSLASH, QUOTE, COMMA, OPEN, CLOSE = 0x5C, 0x22, 0x2C, 0x5B, 0x5D
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes [start, end) of a data file holding `count` whole records, the first of them record `first`."""
+
+    start: int
+    end: int
+    first: int
+    count: int
+
+
+def record_chunks(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Cut a `.json` list or a `.jsonl` file into chunks of whole records, without parsing the records.
+
+    A JSON list is cut at its top-level commas, found by a vectorised scan of the bytes (quotes, backslash
+    escapes, bracket depth); the file is memory-mapped, not read into this process. A file that is not a
+    well-formed list raises the located JSONSyntaxError/UserError of the streaming reader (`check_syntax`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found; check `data_path` in the config")
+    if path.stat().st_size == 0:
+        return _malformed(path)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        start = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark, skipped as "utf-8-sig" does
+        if path.suffix == ".jsonl":
+            yield from _line_chunks(mm, start, chunk_bytes)
+        else:
+            yield from _list_chunks(np.frombuffer(mm, dtype=np.uint8), start, chunk_bytes, path)
+
+
+def parse_chunk(path: str | Path, chunk: Chunk) -> list:
+    """The raw records of `chunk`; ValueError when they do not parse (`check_syntax` then locates the error)."""
+    with open(path, "rb") as f:
+        f.seek(chunk.start)
+        text = f.read(chunk.end - chunk.start).decode("utf-8")
+    if Path(path).suffix == ".jsonl":
+        records = [json.loads(line) for line in text.split("\n") if line.strip()]
+    else:
+        records = json.loads("[" + text + "]")
+    if len(records) != chunk.count:
+        raise ValueError(f"{path}: bytes {chunk.start}-{chunk.end} hold {len(records)} records, not {chunk.count}")
+    return records
+
+
+def check_syntax(path: str | Path) -> None:
+    """Read the whole file with the streaming reader: raises its located error, if the file has one."""
+    for _ in read_records(path):
+        pass
+
+
+def _malformed(path: Path) -> None:
+    check_syntax(path)
+    raise UserError(f"{path}: expected a JSON list of records (`[` ... `]`)")
+
+
+def _line_chunks(mm, start: int, chunk_bytes: int) -> Iterator[Chunk]:
+    """JSONL: chunks end at a newline; blank lines hold no record."""
+    first = 0
+    while start < len(mm):
+        end = mm.find(b"\n", min(start + chunk_bytes, len(mm) - 1))
+        end = len(mm) if end < 0 else end + 1
+        count = sum(1 for line in mm[start:end].split(b"\n") if line.strip())
+        if count:
+            yield Chunk(start, end, first, count)
+        first, start = first + count, end
+
+
+def _list_chunks(buf: np.ndarray, start: int, chunk_bytes: int, path: Path) -> Iterator[Chunk]:
+    """JSON list: runs of consecutive elements of about `chunk_bytes`, cut at the list's top-level commas."""
+    with contextlib.closing(_top_level(buf, start)) as events:  # closed here: it holds views of the map
+        opening, char = next(events, (start, None))
+        if char != OPEN or not _blank(buf[start:opening]):
+            return _malformed(path)
+        begin, first, commas = opening + 1, 0, 0  # the chunk being collected: first byte, first record, commas
+        for pos, char in events:
+            if char == COMMA and pos - begin < chunk_bytes:
+                commas += 1
+            elif char == COMMA:
+                yield Chunk(begin, pos, first, commas + 1)
+                begin, first, commas = pos + 1, first + commas + 1, 0
+            elif char == CLOSE and _blank(buf[pos + 1 :]):
+                if first or commas or not _blank(buf[begin:pos]):  # else: an empty list
+                    yield Chunk(begin, pos, first, commas + 1)  # a blank last element (trailing comma) fails to parse
+                return None
+            else:
+                break
+    return _malformed(path)
+
+
+def _blank(part: np.ndarray) -> bool:
+    return not part.tobytes().strip()
+
+
+def _top_level(buf: np.ndarray, start: int) -> Iterator[tuple[int, int]]:
+    """(position, byte) of the structural characters outside strings at depth 0, and of the commas and the
+    closing bracket at depth 1: for a JSON list, its brackets and the commas between its elements."""
+    in_string, depth = 0, 0
+    while start < len(buf):
+        end = min(start + SCAN_BYTES, len(buf))
+        while end < len(buf) and buf[end - 1] == BACKSLASH:  # a block never starts inside a backslash run
+            end += 1
+        block = buf[start:end]
+        quotes = np.flatnonzero(block == QUOTE)
+        quotes = quotes[~_escaped(block, quotes)]
+        folded = block | 0x20  # [ and { fold to 0x7B, ] and } to 0x7D
+        marks = np.flatnonzero((folded == 0x7B) | (folded == 0x7D) | (block == COMMA))
+        marks = marks[(np.searchsorted(quotes, marks) + in_string) % 2 == 0]  # outside strings
+        chars = block[marks]
+        step = np.isin(chars, (OPEN, 0x7B)).astype(np.int64) - np.isin(chars, (CLOSE, 0x7D))
+        after = depth + np.cumsum(step)
+        before = after - step
+        top = (before == 0) | ((before == 1) & ((chars == COMMA) | (after == 0)))
+        yield from zip((marks[top] + start).tolist(), chars[top].tolist())
+        in_string = (in_string + len(quotes)) % 2
+        depth = int(after[-1]) if len(after) else depth
+        start = end
+
+
+def _escaped(block: np.ndarray, quotes: np.ndarray) -> np.ndarray:
+    """Which of the quote positions are escaped: preceded by an odd run of backslashes."""
+    escaped = np.zeros(len(quotes), dtype=bool)
+    prev = quotes - 1
+    candidates = np.flatnonzero((prev >= 0) & (block[np.maximum(prev, 0)] == BACKSLASH))
+    if len(candidates):
+        slashes = np.flatnonzero(block == BACKSLASH)
+        run_first = np.concatenate([[True], np.diff(slashes) != 1])
+        run_start = slashes[np.maximum.accumulate(np.where(run_first, np.arange(len(slashes)), 0))]
+        at = prev[candidates]
+        escaped[candidates] = (at - run_start[np.searchsorted(slashes, at)] + 1) % 2 == 1
+    return escaped
 
 
 def normalize_record(raw, index: int) -> Sample:
