@@ -31,7 +31,8 @@ def load_generator(args) -> Generator:
     """A Generator for the model flags of `vlmtune chat` / `vlmtune mmbench` (see cli._add_model_args)."""
     folder = Path(args.model_name_or_path)
     hf_layout = _is_hf_llava(folder)
-    cfg = saved_config(folder if hf_layout else Path(args.llava) if args.llava else None)
+    llava = None if hf_layout else _llava_folder(args.llava)
+    cfg = saved_config(folder if hf_layout else llava)
     name = args.prompt_template or (cfg.data.prompt_template if cfg else None)
     if name is None:
         raise UserError(f"no --prompt-template given and no {CONFIG_FILE} beside the model to take it from")
@@ -40,7 +41,7 @@ def load_generator(args) -> Generator:
     if hf_layout:
         model, tokenizer, image_processor, pad = _load_hf_llava(args, folder, dtype)
     else:
-        model, tokenizer, image_processor = _load_parts(args, cfg, dtype)
+        model, tokenizer, image_processor = _load_parts(args, llava, cfg, dtype)
         pad = cfg.data.pad_image_to_square if cfg else True  # LLaVA-1.5 / XTuner chat pad to square
     if args.bits is None:
         model.to(device)
@@ -74,12 +75,11 @@ def _select_layer(args, cfg: Config | None) -> int:
 # ---- LLM + --llava parts (xtuner layout) -------------------------------------------------------------
 
 
-def _load_parts(args, cfg: Config | None, dtype: torch.dtype):
+def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype):
     """(LlavaModel, tokenizer, image processor) from the LLM, adapters, CLIP and projector folders."""
     from peft import PeftModel
     from transformers import CLIPVisionModel
 
-    llava = _llava_folder(args.llava)
     llm_adapter = llava / keymaps.LLM_ADAPTER_DIR
     if args.adapter and llm_adapter.is_dir():
         raise UserError(f"--adapter and {llm_adapter} both give an LLM adapter; pass one")
