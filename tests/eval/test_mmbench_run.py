@@ -36,6 +36,16 @@ from vlmtune.model.build import build_model
 MAX_NEW = 8  # enough tokens for the tiny model's answers to differ between questions
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny models gain nothing from two, and on a busy machine threads that wait for each
+    other at every small op make the runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_args(tiny, tmp_path_factory) -> list[str]:
     """CLI model flags for the tiny LLM + CLIP + a seeded projector saved as `convert pth_to_hf` saves it."""
@@ -180,7 +190,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(model_args, long_
     work_dir = tmp_path / "killed"
     argv = [sys.executable, "-m", "vlmtune", *command(model_args, long_tsv, work_dir, "--batch-size", "1")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         dirs = run_dirs(work_dir)
