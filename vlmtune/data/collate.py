@@ -32,3 +32,30 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         "ids": [s["id"] for s in samples],
         "skipped": [k for s in samples for k in s.get("skipped", [])],
     }
+
+
+def collate_packed(samples: list[dict], pad_token_id: int) -> dict:
+    """List of dataset samples -> one packed row (a micro-batch of the token-budget sampler).
+
+    input_ids/labels/attention_mask/segment_ids: [1, T], T = the samples' lengths summed (no padding);
+    segment_ids numbers the samples 0, 1, ...; the first label of every sample is IGNORE_INDEX, so no sample
+    starts with a target predicted from the sample before it (unpacked, position 0 is never a target either).
+    pixel_values as in `collate`. The model keeps attention within each sample (see model/llava.py).
+    `pad_token_id` is unused (nothing is padded); the signature is `collate`'s, so either fits the loader.
+    """
+    labels = []
+    for s in samples:
+        own = s["labels"].clone()
+        own[0] = IGNORE_INDEX
+        labels.append(own)
+    input_ids = torch.cat([s["input_ids"] for s in samples])[None]
+    images = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
+    return {
+        "input_ids": input_ids,
+        "labels": torch.cat(labels)[None],
+        "attention_mask": torch.ones_like(input_ids),
+        "segment_ids": torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(samples)])[None],
+        "pixel_values": torch.cat(images) if images else None,
+        "ids": [s["id"] for s in samples],
+        "skipped": [k for s in samples for k in s.get("skipped", [])],
+    }

@@ -5,8 +5,13 @@ indices and rank r takes g[r::world_size], so ranks get disjoint samples of simi
 XTuner's LengthGroupedSampler (mega-batches of up to 50 global batches sorted by length) and LLaVA's
 modality split (image and text-only samples never share a batch, except in the leftover tail: the last one or
 two batches, made of the short remainders of both modalities).
+
+PackedBatchSampler is the token-budget alternative (`pack_to_max_length`): each step, each rank gets one
+pack of whole samples that `collate_packed` turns into one sequence of at most `max_tokens` tokens.
 """
 from __future__ import annotations
+
+import bisect
 
 import numpy as np
 
@@ -65,6 +70,90 @@ class BatchSampler:
     def __iter__(self):
         for batch in self.global_batches()[self.start :]:
             yield batch[self.rank :: self.world_size].tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Begin `epoch` from its first batch."""
+        self.epoch, self.start = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start = state["epoch"], state["start"]
+
+
+def pack_by_length(lengths: np.ndarray, capacity: int, rng: np.random.Generator, pool: int = 10_000) -> list[np.ndarray]:
+    """Packs of whole samples (index arrays) whose `lengths` sum to <= `capacity` tokens.
+
+    The samples are shuffled and cut into pools of `pool`; each pool is packed best-fit decreasing (longest
+    first, each into the fullest pack it still fits). On LLaVA-665K-like lengths (mean ~850 tokens, 576 of them
+    the image) this fills 8192-token packs to ~0.99 and 16384-token packs to ~0.999 (scripts/bench/bench_packing.py).
+    A pool mixes image and text-only samples: packing needs no modality grouping.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"{int((lengths > capacity).sum())} samples are longer than the {capacity}-token pack capacity")
+    perm = rng.permutation(len(lengths))
+    packs = []
+    for s in range(0, len(perm), pool):
+        idx = perm[s : s + pool]
+        packs += [idx[p] for p in _best_fit_decreasing(lengths[idx].tolist(), capacity)]
+    return packs
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Positions in `lengths` grouped into bins of <= capacity; `free` is kept sorted (bisect) with `owner`."""
+    free, owner, bins = [], [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        need = lengths[i]
+        k = bisect.bisect_left(free, need)  # the fullest bin that still fits
+        if k == len(free):
+            bins.append([i])
+            left, b = capacity - need, len(bins) - 1
+        else:
+            left, b = free.pop(k) - need, owner.pop(k)
+            bins[b].append(i)
+        k = bisect.bisect_left(free, left)
+        free.insert(k, left)
+        owner.insert(k, b)
+    return bins
+
+
+class PackedBatchSampler:
+    """Token-budget micro-batches: yields this rank's indices of one pack per step (`collate_packed` makes
+    them one sequence); same interface as BatchSampler (set_epoch, state_dict, len = steps per epoch).
+
+    The packs are made once from `seed` (pack_by_length over |modality_lengths|, which count each image as
+    the tokens it expands to); every epoch shuffles their order with (seed, epoch). Global batch g holds
+    world_size packs and rank r takes pack g[r]; the pack list is padded by repeating its first packs to a
+    multiple of world_size, so every rank runs the same number of steps. A sample replaced at load time
+    (unreadable image) may make its pack slightly longer than `max_tokens`.
+    """
+
+    def __init__(self, modality_lengths, max_tokens: int, world_size: int = 1, rank: int = 0, seed: int = 0, pool: int = 10_000):
+        self.lengths = np.abs(np.asarray(modality_lengths, dtype=np.int64))
+        self.max_tokens, self.world_size, self.rank, self.seed = max_tokens, world_size, rank, seed
+        self.packs = pack_by_length(self.lengths, max_tokens, np.random.default_rng([seed, 1 << 20]), pool)
+        n = len(self.packs)
+        self.packs += [self.packs[i % n] for i in range(-n % world_size)]
+        self.epoch, self.start = 0, 0
+
+    def global_batches(self) -> list[list[np.ndarray]]:
+        """The epoch's global batches: lists of world_size packs."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.packs))
+        w = self.world_size
+        return [[self.packs[i] for i in order[s : s + w]] for s in range(0, len(order), w)]
+
+    def fill(self) -> float:
+        """Tokens in the packs / (packs x max_tokens): how much of the budget the packs use."""
+        return float(sum(self.lengths[p].sum() for p in self.packs) / (len(self.packs) * self.max_tokens))
+
+    def __len__(self) -> int:
+        return len(self.packs) // self.world_size
+
+    def __iter__(self):
+        for batch in self.global_batches()[self.start :]:
+            yield batch[self.rank].tolist()
 
     def set_epoch(self, epoch: int) -> None:
         """Begin `epoch` from its first batch."""

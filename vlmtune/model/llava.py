@@ -8,6 +8,13 @@ Data flow for a batch (B samples, T text ids, N images in the whole batch, P pat
     splice: every image id is replaced by its P feature rows -> inputs_embeds [B, L, D], labels [B, L]
 
 Images are consumed in batch order: sample 0's images first, each sample's in the order of its image ids.
+
+Packed batches (`segment_ids` [B, T]: which sample of the row each token belongs to) hold several samples per
+row. The splice then also returns position ids that restart at 0 for every sample after image expansion, and
+the LLM gets no 2D attention mask: transformers (masking_utils) reads the restarts as packed sequences and
+keeps attention within each sample (a block-causal mask for sdpa/eager/flex, varlen flash-attention for
+`flash_attention_*` with B = 1). Labels are unchanged; the collate masks each sample's first label, so no
+sample's first token is predicted from the previous sample's last one.
 """
 from __future__ import annotations
 
@@ -47,12 +54,14 @@ class LlavaModel(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         padding_side: str = "right",
+        segment_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Embeddings with image features spliced in: inputs_embeds [B, L, D], attention_mask, labels."""
+        """Embeddings with image features spliced in: inputs_embeds [B, L, D], attention_mask, labels
+        (+ position_ids for a packed batch)."""
         features = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
         embed = self.llm.get_input_embeddings()
         text_embeds = embed(input_ids.clamp(min=0))  # image ids get a dummy row, overwritten below
-        return splice_image_features(text_embeds, input_ids, attention_mask, labels, features, padding_side)
+        return splice_image_features(text_embeds, input_ids, attention_mask, labels, features, padding_side, segment_ids)
 
     def forward(
         self,
@@ -60,10 +69,16 @@ class LlavaModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of next-token losses, number of target tokens) for a right-padded batch."""
-        inputs = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values)
-        logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+        """(sum of next-token losses, number of target tokens) for a right-padded batch, or a packed one
+        when `segment_ids` is given (see the module docstring)."""
+        inputs = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, segment_ids=segment_ids)
+        # use_cache=False: no KV cache in a loss pass (transformers also ignores packing when a cache exists)
+        if segment_ids is None:
+            logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        else:  # no 2D mask: the restarting position ids are what marks the samples apart
+            logits = self.llm(inputs_embeds=inputs["inputs_embeds"], position_ids=inputs["position_ids"], use_cache=False).logits
         targets = inputs["labels"][:, 1:]
         loss_sum = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -90,12 +105,14 @@ def splice_image_features(
     labels: torch.Tensor | None,
     image_features: torch.Tensor | None,
     padding_side: str = "right",
+    segment_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Replace each IMAGE_TOKEN_INDEX of `input_ids` [B, T] by its P rows of `image_features` [N, P, D].
 
     Vectorised: each kept token gets a width (P for an image id, 1 for text, 0 for padding); a cumulative
     sum gives its start in the output, and text rows and image rows are scattered there in two index
-    writes. Output is padded again on `padding_side` (left for batched generation).
+    writes. Output is padded again on `padding_side` (left for batched generation). With `segment_ids`
+    [B, T] (packed rows, right padding), `position_ids` [B, L] restart at 0 at each sample's first row.
     """
     is_image = input_ids == IMAGE_TOKEN_INDEX
     n_images = int(is_image.sum())
@@ -126,4 +143,18 @@ def splice_image_features(
         new_labels = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         new_labels[tb, start[tb, tt]] = labels[tb, tt]
         result["labels"] = new_labels
+    if segment_ids is not None:
+        segments = torch.full((B, L), -1, dtype=torch.long, device=input_ids.device)  # -1: padding
+        segments[tb, start[tb, tt]] = segment_ids[tb, tt]
+        if n_images:
+            segments[ib[:, None].expand(-1, P), rows] = segment_ids[ib, it][:, None]
+        result["position_ids"] = restarting_positions(segments)
     return result
+
+
+def restarting_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, L] segment numbers (contiguous runs) -> positions counting from 0 within each run."""
+    positions = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return positions - torch.where(starts, positions, 0).cummax(1).values
