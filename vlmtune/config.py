@@ -45,8 +45,11 @@ class DataConfig:
     prompt_template: str
     max_length: int = 2048  # counts each image as the tokens it expands to (576 for CLIP-L/336)
     pad_image_to_square: bool = False
+    image_preprocess: str = "fast"  # "fast" (torch, ~3x) or "hf" (CLIPImageProcessor itself); see data/image.py
     system: str = ""
     group_by_length: bool = True  # modality-aware length grouping, as LLaVA/XTuner
+    pack_to_max_length: bool = False  # several whole samples per micro-batch, one sequence (data/sampler.py)
+    max_packed_length: int | None = None  # tokens per packed micro-batch; default batch_size * max_length
     max_bad_sample_fraction: float = 0.001  # stop the run when more samples than this are skipped
     allowed_image_roots: list[str] = field(default_factory=list)
     cache_dir: str | None = None  # tokenization cache; default <work_dir>/../.cache/vlmtune
@@ -91,6 +94,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+CHOICES = {"image_preprocess": ("fast", "hf")}  # string keys with a fixed set of values
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -161,6 +165,8 @@ def _validate(values: dict, path: Path) -> dict:
         for f in dataclasses.fields(cls):
             if f.name in values:
                 kwargs[f.name] = _check_type(values[f.name], hints[f.name], f.name, path)
+                if f.name in CHOICES and kwargs[f.name] not in CHOICES[f.name]:
+                    raise UserError(f"{path}: config key {f.name!r} should be one of {', '.join(CHOICES[f.name])}, got {kwargs[f.name]!r}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{path}: required config key {f.name!r} is missing")
         out[section] = cls(**kwargs)

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from vlmtune.config import Config, load_config
-from vlmtune.data.collate import collate
+from vlmtune.data.collate import collate, collate_packed
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.data.llava_json import RecordError
-from vlmtune.data.sampler import BatchSampler
+from vlmtune.data.sampler import BatchSampler, PackedBatchSampler
 from vlmtune.data.templates import get_template
 from vlmtune.engine import checkpoint
 from vlmtune.engine.distributed import DistInfo, deepspeed_config, destroy_distributed, init_distributed
@@ -81,7 +81,8 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     logger.info(f"config {cfg.path} -> work dir {work_dir}, {info.world_size} process(es) on {info.device}")
 
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
-    preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square)
+    preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
+                                   cfg.data.image_preprocess)
     model = build_model(cfg.model)
     image_length = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
     if cfg.train.pretrained_pth:
@@ -92,13 +93,12 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, _cache_dir(cfg, work_dir))
     logger.info(f"data {cfg.data.data_path}: {report.summary()}")
     _preflight(cfg, report)
-    sampler = BatchSampler(dataset.modality_lengths, cfg.train.batch_size, info.world_size, info.rank,
-                           cfg.train.seed, cfg.data.group_by_length)
+    sampler, collate_fn = _batching(cfg, dataset, info)
     # The loader's own generator: starting an epoch then draws nothing from the global RNG (dropout), so a run
     # resumed mid-epoch sees the same dropout masks as an uninterrupted one.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.train.dataloader_num_workers,
-        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        collate_fn=functools.partial(collate_fn, pad_token_id=tokenizer.pad_token_id),
         persistent_workers=False, pin_memory=info.device.type == "cuda", generator=torch.Generator(),
     )
 
@@ -126,6 +126,23 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _batching(cfg: Config, dataset, info: DistInfo):
+    """(batch sampler, collate function): padded batches of `batch_size` samples, or with
+    `pack_to_max_length` one packed sequence of at most `max_packed_length` tokens per micro-batch."""
+    if not cfg.data.pack_to_max_length:
+        sampler = BatchSampler(dataset.modality_lengths, cfg.train.batch_size, info.world_size, info.rank,
+                               cfg.train.seed, cfg.data.group_by_length)
+        return sampler, collate
+    budget = cfg.data.max_packed_length or cfg.train.batch_size * cfg.data.max_length
+    if budget < cfg.data.max_length:
+        raise UserError(f"{cfg.path}: max_packed_length={budget} is below max_length={cfg.data.max_length}; "
+                        f"a sample of max_length tokens must fit in a pack")
+    if cfg.model.trust_remote_code:  # packing relies on transformers' own masking (model/llava.py)
+        raise UserError(f"{cfg.path}: pack_to_max_length needs an LLM implemented in transformers, "
+                        f"not remote code (trust_remote_code=True); set pack_to_max_length=False")
+    return PackedBatchSampler(dataset.modality_lengths, budget, info.world_size, info.rank, cfg.train.seed), collate_packed
 
 
 def _cache_dir(cfg: Config, work_dir: Path) -> Path:

@@ -162,3 +162,31 @@ def test_packed_sampler_splits_ranks_reshuffles_epochs_and_resumes():
     resumed = PackedBatchSampler(lengths, 4096, world_size=2, rank=0, seed=7)
     resumed.load_state_dict({"epoch": 1, "start": 5})
     assert list(resumed) == epoch1[5:]
+
+
+def test_training_path_with_pack_to_max_length(tiny, tiny_tokenizer, model, tmp_path):
+    """The config key takes train.py's loader to packed rows that the model trains on, every sample once."""
+    import functools
+
+    from vlmtune.config import load_config
+    from vlmtune.data.dataset import build_dataset
+    from vlmtune.engine.distributed import DistInfo
+    from vlmtune.train import _batching
+
+    cfg = load_config("tiny_llava_finetune_lora", {"pack_to_max_length": True, "max_packed_length": 2048})
+    preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), True, cfg.data.image_preprocess)
+    dataset, _ = build_dataset(cfg.data, tiny_tokenizer, preprocess, 576, tmp_path)
+    sampler, collate_fn = _batching(cfg, dataset, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert isinstance(sampler, PackedBatchSampler) and collate_fn is collate_packed
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         collate_fn=functools.partial(collate_fn, pad_token_id=tiny_tokenizer.pad_token_id))
+    batches = list(loader)
+    ids = [i for b in batches for i in b["ids"]]
+    assert len(ids) == len(set(ids)) == len(dataset)
+    assert len(batches) < len(dataset) and all(b["input_ids"].shape[0] == 1 for b in batches)
+    batch = max(batches, key=lambda b: len(b["ids"]))
+    loss_sum, n_targets = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "segment_ids")})
+    assert torch.isfinite(loss_sum) and n_targets > 0
+    with pytest.raises(Exception, match="below max_length"):
+        _batching(load_config("tiny_llava_finetune_lora", {"pack_to_max_length": True, "max_packed_length": 512}),
+                  dataset, DistInfo(0, 1, 0, torch.device("cpu")))
