@@ -149,11 +149,16 @@ def test_broken_jsonl_line_is_one_bad_record_and_clean_jsonl_keeps_the_rest(tmp_
 
 
 def test_bad_flags_are_one_line_user_errors(corpus, tiny, capsys):
-    assert cli(["data", "check", str(corpus.data_json), "--image-folder", str(corpus.image_folder),
-                "--tokenizer", str(tiny.llm)]) == 2
-    assert cli(["data", "check", str(corpus.data_json), "--image-folder", str(corpus.image_folder / "nope")]) == 2
+    data, images = str(corpus.data_json), str(corpus.image_folder)
+    before = corpus.data_json.read_bytes()
+    assert cli(["data", "check", data, "--image-folder", images, "--tokenizer", str(tiny.llm)]) == 2
+    assert cli(["data", "check", data, "--image-folder", images + "/nope"]) == 2
+    assert cli(["data", "check", data + ".missing", "--image-folder", images]) == 2
+    assert cli(["data", "check", data, "--image-folder", images, "--write-clean", data]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "--prompt-template" in err[0] and "not a folder" in err[1] and len(err) == 2
+    assert len(err) == 4 and all(line.startswith("vlmtune: error: ") for line in err)
+    assert ["--prompt-template" in err[0], "not a folder" in err[1], "not found" in err[2], "overwrite" in err[3]] == [True] * 4
+    assert corpus.data_json.read_bytes() == before
 
 
 def test_a_large_json_list_is_streamed_not_loaded(tmp_path):

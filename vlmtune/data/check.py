@@ -358,14 +358,22 @@ def settings_from_args(args) -> Settings:
 def main(args) -> int:
     """`vlmtune data check`; returns 0 only when no record has a blocking problem."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is loaded
+    data_path, clean = Path(args.data_path), Path(args.write_clean) if args.write_clean else None
+    if not data_path.is_file():
+        raise UserError(f"{data_path}: data file not found")
     if not Path(args.image_folder).is_dir():
         raise UserError(f"--image-folder {args.image_folder}: not a folder")
+    if clean is not None and clean.resolve() == data_path.resolve():
+        raise UserError(f"--write-clean {clean} would overwrite the data being checked; choose another file")
     settings = settings_from_args(args)
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    report = run_check(settings, workers, Path(args.write_clean) if args.write_clean else None)
-    report_path = Path(args.report or f"{args.data_path}.check.json")
+    report = run_check(settings, workers, clean)
+    report_path = Path(args.report or f"{data_path}.check.json")
     tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, report_path)
+    try:
+        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, report_path)
+    except OSError as e:
+        raise UserError(f"cannot write the report {report_path} ({e.strerror}); pass --report elsewhere") from None
     print_summary(report, report_path)
     return report["exit_code"]
