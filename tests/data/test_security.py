@@ -64,6 +64,37 @@ def test_convert_refuses_it_with_one_line_and_exit_2(tmp_path, capsys):
     assert len(errors) == 1 and "refused to load" in errors[0] and not marker.exists()
 
 
+def hostile_projector_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """(folder, marker): a converted projector/ folder whose pytorch_model.bin carries the payload."""
+    from vlmtune.convert import keymaps
+
+    folder, marker = tmp_path / "projector", tmp_path / "marker"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": keymaps.PROJECTOR_MODEL_TYPE, "visual_hidden_size": 4,
+                                                    "llm_hidden_size": 4, "depth": 2}))
+    torch.save({"model.0.weight": torch.zeros(4, 4), "extra": Payload(marker)}, folder / "pytorch_model.bin")
+    return folder, marker
+
+
+def test_a_converted_folder_with_a_pickled_payload_does_not_run_it(tmp_path):
+    from vlmtune.loading import load_projector
+
+    folder, marker = hostile_projector_folder(tmp_path)
+    with pytest.raises(Exception):
+        load_projector(folder, torch.float32)
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="vlmtune/loading.py reads projector/pytorch_model.bin with a bare torch.load: "
+                   "the refusal is an UnpicklingError traceback; route it through engine.checkpoint.safe_load")
+def test_a_converted_folder_with_a_pickled_payload_is_refused_with_a_clear_message(tmp_path):
+    from vlmtune.loading import load_projector
+
+    folder, _ = hostile_projector_folder(tmp_path)
+    with pytest.raises(UserError, match="refused to load"):
+        load_projector(folder, torch.float32)
+
+
 def _calls(tree: ast.AST, module: str, names: set[str]):
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names
