@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,7 @@ class Tally:
     def __init__(self):
         self.records = self.good = self.with_warnings = 0
         self.kinds: dict[str, dict] = {}
-        self.lengths: list[int] = []
+        self.lengths = array("q")  # full token length of every tokenized record (8 bytes each)
 
     def add(self, verdict: Verdict) -> None:
         self.records += 1
@@ -196,13 +197,18 @@ def run_check(settings: Settings, workers: int, clean_path: Path | None = None) 
     writer = _CleanWriter(clean_path) if clean_path else None
     from tqdm import tqdm
 
-    with tqdm(total=size, unit="B", unit_scale=True, desc="data check", disable=None) as bar:
-        for chunk, verdicts in _map_chunks(settings, workers, _chunks(settings.data_path, stopped)):
-            for (_, _, text), verdict in zip(chunk, verdicts):
-                tally.add(verdict)
-                if writer and verdict.problem is None:
-                    writer.write(text)
-            bar.update(sum(len(text) + 2 for _, _, text in chunk))
+    try:
+        with tqdm(total=size, unit="B", unit_scale=True, desc="data check", disable=None) as bar:
+            for chunk, verdicts in _map_chunks(settings, workers, _chunks(settings.data_path, stopped)):
+                for (_, _, text), verdict in zip(chunk, verdicts):
+                    tally.add(verdict)
+                    if writer and verdict.problem is None:
+                        writer.write(text)
+                bar.update(sum(len(text) + 2 for _, _, text in chunk))
+    except BaseException:  # interrupted or a bug: no half-written clean file is left behind
+        if writer:
+            writer.close(keep=False)
+        raise
     fatal = stopped[0] if stopped else None
     if fatal is not None:  # not a record: reading stopped at this point of the file
         tally.add_kind("json_syntax", {"index": tally.records, "line": fatal.line, "id": None, "path": None,
