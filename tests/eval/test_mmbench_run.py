@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -231,8 +232,10 @@ def test_only_unfinished_runs_with_the_same_generation_arguments_resume(model_ar
 def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, tmp_path):
     single = tmp_path / "single"
     assert cli_main(command(model_args, mixed_tsv, single, "--batch-size", "4")) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
-    env.pop("PORT", None)
+    with socket.socket() as s:  # a free port: torchrun's default 29500 may be taken by another job
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PORT": port}
     done = subprocess.run([sys.executable, "-m", "vlmtune", *command(model_args, mixed_tsv, tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
