@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vlmtune.config import CONFIG_DIR, TrainConfig
+from vlmtune.engine.launch import free_port
 from vlmtune.errors import UserError
 
 DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
@@ -35,19 +35,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    """An unused local TCP port for a single-process run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistInfo:
     """Join (or, for a plain single process, create) the process group: nccl on GPUs, gloo on CPU."""
     import deepspeed
 
     if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -6,6 +6,7 @@ torchrun and returns its exit code, so a crash in any rank makes `vlmtune train`
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,12 +20,22 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     nproc, nnodes = os.environ.get("NPROC_PER_NODE"), os.environ.get("NNODES")
     if not nproc and not nnodes:
         return None
+    # several nodes must agree on a port (XTuner's default 29500); a single node takes a free one, so two
+    # jobs on one machine do not collide
+    port = os.environ.get("PORT") or (29500 if int(nnodes or 1) > 1 else free_port())
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc or 1}", f"--nnodes={nnodes or 1}", f"--node_rank={os.environ.get('NODE_RANK', 0)}",
-        f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}", f"--master_port={os.environ.get('PORT', 29500)}",
+        f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}", f"--master_port={port}",
         "-m", "vlmtune", *argv,
     ]
+
+
+def free_port() -> int:
+    """An unused local TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def relaunch(argv: list[str]) -> int | None:
