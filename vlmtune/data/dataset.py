@@ -27,6 +27,7 @@ from vlmtune.data.image import ImagePreprocessor, load_image, resolve_image_path
 from vlmtune.data.llava_json import RecordError
 from vlmtune.data.table import DataReport, Settings, write_table
 from vlmtune.data.templates import get_template
+from vlmtune.errors import UserError
 
 FORMAT_VERSION = 2  # bump when the stored columns or the masking rule change
 
@@ -34,6 +35,8 @@ FORMAT_VERSION = 2  # bump when the stored columns or the masking rule change
 def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
     """Hash of every input that changes the tokenized table."""
     path = Path(cfg.data_path).resolve()
+    if not path.is_file():  # the key is computed before anything reads the file: say it here, in one line
+        raise UserError(f"{cfg.data_path}: data file not found; check `data_path` in the config")
     stat = path.stat()
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers expose their full definition
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
