@@ -132,3 +132,10 @@ def test_cache_is_invalidated_when_the_data_file_changes(setup):
     Path(cfg.data_path).write_text(json.dumps(records), encoding="utf-8")
     dataset, report = build(setup)
     assert len(cache_entries(cache)) == 2 and report.total == 2 and list(dataset.table["id"]) == ["img", "txt"]
+
+
+def test_missing_data_file_is_a_user_error(setup):
+    from vlmtune.errors import UserError
+
+    with pytest.raises(UserError, match=r"nowhere\.json: data file not found"):
+        build(setup, data_path=str(setup[3] / "nowhere.json"))
