@@ -48,7 +48,8 @@ def load_generator(args) -> Generator:
     system = args.system or (cfg.data.system if cfg else "")
     vision = model.visual_encoder.config
     image_length = (vision.image_size // vision.patch_size) ** 2
-    preprocess = ImagePreprocessor(image_processor, pad_to_square=pad)
+    method = cfg.data.image_preprocess if cfg else "hf"  # as trained; a model from elsewhere gets its processor's own
+    preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method)
     return Generator(model.eval(), tokenizer, template, preprocess, image_length, system)
 
 

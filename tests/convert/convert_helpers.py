@@ -137,8 +137,9 @@ def prompt_logits(generator, question: str = QUESTION) -> torch.Tensor:
         return generator.model.llm(**inputs).logits[0]
 
 
-def hf_greedy(folder, max_new: int = MAX_NEW):
-    """(new ids, first-step logits) from plain transformers on IMAGE + QUESTION, through the saved processor."""
+def hf_greedy(folder, max_new: int = MAX_NEW, pixel_values: torch.Tensor | None = None):
+    """(new ids, first-step logits) from plain transformers on IMAGE + QUESTION through the saved processor
+    and chat template; `pixel_values` [1, 3, H, W] replaces the processor's pixels when given."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vlmtune.data.image import load_image
@@ -149,6 +150,9 @@ def hf_greedy(folder, max_new: int = MAX_NEW):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=load_image(IMAGE), text=text, return_tensors="pt", add_special_tokens=False)
+    if pixel_values is not None:
+        assert pixel_values.shape == inputs["pixel_values"].shape
+        inputs["pixel_values"] = pixel_values
     out = model.eval().generate(**inputs, max_new_tokens=max_new, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
     return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), out.logits[0][0]

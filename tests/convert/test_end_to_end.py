@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from convert_helpers import chat_generator, chat_tokens, hf_greedy
+from convert_helpers import IMAGE, chat_generator, chat_tokens, hf_greedy
 from safetensors.torch import load_file
 
 from vlmtune.cli import main as cli_main
+from vlmtune.data.image import load_image
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -52,5 +53,6 @@ def test_zero_folder_converts_like_the_pth(trained, tmp_path):
 def test_trained_checkpoint_huggingface_generates_as_chat(trained, tiny, tmp_path):
     assert cli_main(["convert", "pth_to_hf", str(trained / "iter_2.ds"), str(tmp_path / "hf"), "--save-format", "huggingface"]) == 0
     assert cli_main(["convert", "pth_to_hf", str(trained / "iter_2.pth"), str(tmp_path / "xtuner")]) == 0
-    hf_tokens, _ = hf_greedy(tmp_path / "hf")
-    assert hf_tokens == chat_tokens(chat_generator(str(tiny.llm), "--llava", str(tmp_path / "xtuner")))
+    chat = chat_generator(str(tiny.llm), "--llava", str(tmp_path / "xtuner"))
+    hf_tokens, _ = hf_greedy(tmp_path / "hf", pixel_values=chat.pixel_values([load_image(IMAGE)]))  # training's pixels
+    assert hf_tokens == chat_tokens(chat)

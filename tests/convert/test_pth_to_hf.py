@@ -4,7 +4,9 @@
   projector with XTuner's config keys), and `vlmtune chat` on them answers as the checkpoint's own model.
 - huggingface: plain transformers (`LlavaForConditionalGeneration` + `AutoProcessor` + its chat template)
   generates the same greedy tokens as `vlmtune chat` on the xtuner folder, for Llama and for Qwen2 with a
-  frozen CLIP, on a non-square photo (the processor pads to square like training).
+  frozen CLIP, on a non-square photo. The model gets chat's pixel tensor: training's default
+  `image_preprocess='fast'` resizes in torch, the saved processor with PIL (1-2 levels apart); the processor
+  itself is checked to give exactly the pixels of `image_preprocess='hf'`, pad to square included.
 - official: an independent reading of haotian-liu/LLaVA's layout (LLM weights, `model.mm_projector.*`,
   `mm_vision_tower` + stored tower, `mm_vision_select_layer`) gives the checkpoint model's logits.
 """
@@ -17,9 +19,10 @@ import torch
 from convert_helpers import (IMAGE, LOGIT_ATOL, MAX_NEW, chat_generator, chat_tokens, error_line, hf_greedy, one_turn_ids,
                              prompt_logits)
 from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPImageProcessor
 
 from vlmtune.cli import main as cli_main
-from vlmtune.data.image import load_image
+from vlmtune.data.image import ImagePreprocessor, load_image
 
 
 def truth_generator(truth, variant, xtuner_folder):
@@ -35,7 +38,6 @@ def truth_generator(truth, variant, xtuner_folder):
 
 def test_xtuner_layout_is_what_xtuner_reads(converted, tiny):
     from peft import PeftConfig
-    from transformers import AutoModel
 
     folder = converted("lora", "xtuner")
     assert sorted(p.name for p in folder.iterdir()) == ["llm_adapter", "projector", "visual_encoder_adapter", "vlmtune_config.py"]
@@ -79,7 +81,7 @@ def test_huggingface_folder_generates_as_chat_on_xtuner_folder(variant, converte
     hf_folder, xtuner_folder = converted(variant, "huggingface"), converted(variant, "xtuner")
     model, cfg = truth(variant)
     chat = chat_generator(cfg.model.llm_name_or_path, "--llava", str(xtuner_folder))
-    hf_tokens, hf_logits = hf_greedy(hf_folder)
+    hf_tokens, hf_logits = hf_greedy(hf_folder, pixel_values=chat.pixel_values([load_image(IMAGE)]))
     ours = chat_tokens(chat)
     our_logits = prompt_logits(chat)[-1]
     diff = (our_logits - hf_logits).abs().max().item()
@@ -93,13 +95,15 @@ def test_huggingface_folder_contents(converted, tiny):
     config = json.loads((folder / "config.json").read_text())
     processor = json.loads((folder / "processor_config.json").read_text())
     generation = json.loads((folder / "generation_config.json").read_text())
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert config["image_token_index"] == tokenizer.convert_tokens_to_ids("<image>")
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"], config["projector_hidden_act"]) == (-2, "default", "gelu")
     assert processor["image_processor"]["do_pad"] is True and processor["num_additional_image_tokens"] == 1
     assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # the saved processor pads to square as training did: the pixels of image_preprocess='hf'
+    theirs = AutoProcessor.from_pretrained(folder).image_processor(images=load_image(IMAGE), return_tensors="pt")["pixel_values"][0]
+    ours = ImagePreprocessor(CLIPImageProcessor.from_pretrained(tiny.clip), pad_to_square=True, method="hf")(load_image(IMAGE))
+    assert torch.equal(theirs, ours)
     keys = load_file(folder / "model.safetensors").keys()
     assert "multi_modal_projector.linear_2.weight" in keys and "language_model.lm_head.weight" in keys
     assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)  # the frozen-or-not CLIP is stored

@@ -14,6 +14,7 @@ official: the LLM's weights with `model.mm_projector.*` (and the vision tower wh
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from vlmtune.config import Config
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.convert import keymaps
-from vlmtune.convert.chat_template import jinja_chat_template
+from vlmtune.convert.chat_template import choose_chunk_prefix, jinja_chat_template
 from vlmtune.convert.pth_to_hf import (_prefixed, merged_parts, raw_tokenizer, rename, tokenizer_with_image_token,
                                       trained_parts)
 from vlmtune.data.templates import get_template
@@ -100,6 +101,12 @@ def _processor(cfg: Config, tokenizer, patch_size: int):
     """LlavaProcessor: tokenizer, pad-to-square-aware image processor, our template as chat template."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
+    template = get_template(cfg.data.prompt_template)
+    chunk_prefix = choose_chunk_prefix(template, tokenizer)
+    if chunk_prefix is None:
+        print(f"warning: with this tokenizer, tokenizing the chat template's text does not give the ids of "
+              f"training ({template.name}); transformers' answers may differ from `vlmtune chat`'s", file=sys.stderr)
+
     clip_processor = load_image_processor(cfg.model.visual_encoder_name_or_path).to_dict()
     image_processor = LlavaImageProcessorPil(
         **{k: clip_processor[k] for k in IMAGE_PROCESSOR_KEYS if k in clip_processor},
@@ -108,7 +115,7 @@ def _processor(cfg: Config, tokenizer, patch_size: int):
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=jinja_chat_template(get_template(cfg.data.prompt_template)),
+        chat_template=jinja_chat_template(template, chunk_prefix or ""),
     )
 
 
