@@ -172,7 +172,8 @@ def load_for_eval(args, world: int):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # device 'auto' / 'cuda' then means this GPU
     generator = load_generator(args)
     if args.pad_image_to_square is not None:
-        generator.preprocess = ImagePreprocessor(generator.preprocess.image_processor, args.pad_image_to_square)
+        old = generator.preprocess
+        generator.preprocess = ImagePreprocessor(old.image_processor, args.pad_image_to_square, old.method)
     return generator
 
 
