@@ -72,7 +72,6 @@ def test_copied_config_loads_like_the_shipped_one(tiny, tmp_path):
     assert (copy.model, copy.data, copy.train) == (shipped.model, shipped.data, shipped.train)
 
 
-@pytest.mark.xfail(strict=True, reason="copy-cfg copies one file; its relative `_base_` is not beside the copy")
 def test_copied_config_with_a_base_loads(tiny, tmp_path):
     from vlmtune.config import load_config
 

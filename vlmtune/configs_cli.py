@@ -16,7 +16,10 @@ def list_cfg(args) -> int:
 
 
 def copy_cfg(args) -> int:
-    """Copy a shipped config into `save_dir` as <name>_copy.py (XTuner's naming) to edit and train."""
+    """Copy a shipped config into `save_dir` as <name>_copy.py (XTuner's naming) to edit and train.
+
+    The files it inherits from (`_base_`, relative paths) are copied beside it under their own names, so
+    the copy loads as it is."""
     source = resolve_config_path(args.config_name)
     dest_dir = Path(args.save_dir)
     if dest_dir.exists() and not dest_dir.is_dir():
@@ -24,8 +27,21 @@ def copy_cfg(args) -> int:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{source.stem}_copy.py"
     shutil.copyfile(source, dest)
+    for base in _base_files(source):
+        if not (dest_dir / base.name).exists():
+            shutil.copyfile(base, dest_dir / base.name)
+            print(f"copied its base {base.name} to {dest_dir / base.name}")
     print(f"copied {source.name} to {dest}")
     return 0
+
+
+def _base_files(path: Path) -> list[Path]:
+    """Every file `path` inherits from through `_base_`, recursively (mmengine's own parser reads them)."""
+    from mmengine.config import Config as MMConfig
+
+    bases = MMConfig._get_base_files(str(path))
+    files = [(path.parent / b).resolve() for b in bases]
+    return [f for b in files for f in (b, *_base_files(b))]
 
 
 def make_tiny(args) -> int:
