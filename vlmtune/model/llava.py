@@ -74,6 +74,8 @@ class LlavaModel(nn.Module):
         """(sum of next-token losses, number of target tokens) for a right-padded batch, or a packed one
         when `segment_ids` is given (see the module docstring)."""
         inputs = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, segment_ids=segment_ids)
+        if pixel_values is None or not len(pixel_values):
+            inputs["inputs_embeds"] = inputs["inputs_embeds"] + self._blank_image_term()
         # use_cache=False: no KV cache in a loss pass (transformers also ignores packing when a cache exists)
         if segment_ids is None:
             logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], use_cache=False).logits
@@ -83,19 +85,24 @@ class LlavaModel(nn.Module):
         loss_sum = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        loss_sum = loss_sum + self._touch_vision_params()  # on every batch: see _touch_vision_params
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
-    def _touch_vision_params(self) -> torch.Tensor:
-        """0 * (trainable vision/projector params), added to every batch's loss: every trainable parameter then
-        gets a (zero) gradient on every rank, so ZeRO/DDP reductions see the same parameters everywhere. Text-only
-        batches reach no vision parameter, and image batches none of CLIP's layers after `visual_select_layer`
-        (trainable with CLIP LoRA or a CLIP finetune): a rank with a text-only micro-batch next to one with
-        images otherwise sends a different gradient bucket and the reduction fails."""
-        params = [p for m in (self.visual_encoder, self.projector) for p in m.parameters() if p.requires_grad]
-        if not params:
-            return torch.zeros((), device=self.projector.model[0].weight.device)
-        return sum(p.sum() for p in params) * 0.0
+    def _blank_image_term(self) -> torch.Tensor:
+        """0 * sum(projected features of one blank image), added to a text-only batch's input embeddings (LLaVA
+        runs a zero image through the tower for text-only samples too).
+
+        A text-only batch then backpropagates through the same vision graph, in the same order, as an image
+        batch: LLM -> input embeddings -> projector -> CLIP up to `visual_select_layer`. ZeRO-2 reduces gradients
+        in buckets filled in the order they become ready, so every rank must produce gradients for the same
+        parameters in the same order. Without this, a rank with a text-only micro-batch next to one with images
+        sends a different bucket: the all-reduce fails on a size mismatch or, when sizes happen to agree, adds
+        one parameter's gradient to another's. Frozen vision and projector: nothing to do."""
+        param = self.projector.model[0].weight
+        if not any(p.requires_grad for m in (self.visual_encoder, self.projector) for p in m.parameters()):
+            return torch.zeros((), dtype=param.dtype, device=param.device)
+        size = self.visual_encoder.config.image_size
+        blank = torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)
+        return self.encode_images(blank).sum() * 0.0
 
 
 def splice_image_features(
