@@ -8,6 +8,7 @@ the resolved config text), with every trainable parameter moved well off its ini
 so an untouched adapter would hide a merge that does nothing). Variants:
     lora        Llama, LoRA on the LLM and on CLIP, pad to square (tiny_llava_finetune_lora)
     qwen2       Qwen2 LLM with LoRA, CLIP frozen: the case XTuner's huggingface export refuses
+    qlora       as lora with the LLM 4-bit (nf4) while training: converted onto the full-precision LLM
     full        Llama and CLIP trained fully (no LoRA)
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ def variant_options(name: str, tiny) -> dict:
 
         make_tiny(tiny.root, arch="qwen2")  # llm_qwen2/ beside the llama; CLIP and data are reused
         return {"llm_name_or_path": str(tiny.root / "llm_qwen2"), "visual_encoder_lora": None}
+    if name == "qlora":
+        return {"quantization": "4bit"}
     if name == "full":
         return {"llm_lora": None, "visual_encoder_lora": None, "freeze_llm": False, "freeze_visual_encoder": False}
     raise KeyError(name)

@@ -3,8 +3,8 @@
 - xtuner: the folders are what XTuner's chat opens (peft adapters, `AutoModel(trust_remote_code=True)`
   projector with XTuner's config keys), and `vlmtune chat` on them answers as the checkpoint's own model.
 - huggingface: plain transformers (`LlavaForConditionalGeneration` + `AutoProcessor` + its chat template)
-  generates the same greedy tokens as `vlmtune chat` on the xtuner folder, for Llama and for Qwen2 with a
-  frozen CLIP, on a non-square photo. The model gets chat's pixel tensor: training's default
+  generates the same greedy tokens as `vlmtune chat` on the xtuner folder, for Llama, for Qwen2 with a
+  frozen CLIP, and for QLoRA (merged into the full-precision LLM), on a non-square photo. The model gets chat's pixel tensor: training's default
   `image_preprocess='fast'` resizes in torch, the saved processor with PIL (1-2 levels apart); the processor
   itself is checked to give exactly the pixels of `image_preprocess='hf'`, pad to square included.
 - official: an independent reading of haotian-liu/LLaVA's layout (LLM weights, `model.mm_projector.*`,
@@ -76,7 +76,7 @@ def test_full_finetune_saves_llm_at_root_and_visual_encoder(converted, truth):
 # ---- huggingface layout ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["lora", "qwen2"])
+@pytest.mark.parametrize("variant", ["lora", "qwen2", "qlora"])
 def test_huggingface_folder_generates_as_chat_on_xtuner_folder(variant, converted, tiny, truth):
     hf_folder, xtuner_folder = converted(variant, "huggingface"), converted(variant, "xtuner")
     model, cfg = truth(variant)
