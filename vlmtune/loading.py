@@ -41,10 +41,13 @@ def load_generator(args) -> Generator:
     if hf_layout:
         model, tokenizer, image_processor, pad = _load_hf_llava(args, folder, dtype)
     else:
-        model, tokenizer, image_processor = _load_parts(args, llava, cfg, dtype)
+        model, tokenizer, image_processor = _load_parts(args, llava, cfg, dtype, device)
         pad = cfg.data.pad_image_to_square if cfg else True  # LLaVA-1.5 / XTuner chat pad to square
     if args.bits is None:
         model.to(device)
+    else:  # the quantized LLM was loaded onto `device` by bitsandbytes; it cannot be moved
+        model.visual_encoder.to(device)
+        model.projector.to(device)
     system = args.system or (cfg.data.system if cfg else "")
     vision = model.visual_encoder.config
     image_length = (vision.image_size // vision.patch_size) ** 2
@@ -76,7 +79,7 @@ def _select_layer(args, cfg: Config | None) -> int:
 # ---- LLM + --llava parts (xtuner layout) -------------------------------------------------------------
 
 
-def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype):
+def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype, device: torch.device):
     """(LlavaModel, tokenizer, image processor) from the LLM, adapters, CLIP and projector folders."""
     from peft import PeftModel
     from transformers import CLIPVisionModel
@@ -86,7 +89,7 @@ def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype):
         raise UserError(f"--adapter and {llm_adapter} both give an LLM adapter; pass one")
     quantization = {None: None, 4: "4bit", 8: "8bit"}[args.bits]
     llm_cfg = ModelConfig(args.model_name_or_path, "", quantization=quantization, trust_remote_code=args.trust_remote_code)
-    llm = load_llm(llm_cfg, dtype)
+    llm = load_llm(llm_cfg, dtype, device_map={"": str(device)} if quantization else None)
     adapter = args.adapter or (str(llm_adapter) if llm_adapter.is_dir() else None)
     if adapter:
         llm = PeftModel.from_pretrained(llm, adapter)
