@@ -6,6 +6,7 @@ torchrun and returns its exit code, so a crash in any rank makes `vlmtune train`
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,12 +43,27 @@ def relaunch(argv: list[str]) -> int | None:
     """Run torchrun when the environment asks for several processes; its exit code, or None."""
     cmd = torchrun_command(argv)
     if cmd is None:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            die_with_parent()  # a torchrun worker: stop when torchrun stops
         return None
     print("vlmtune: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, preexec_fn=die_with_parent)
     except KeyboardInterrupt:
         return 130
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when the process that started it exits (no-op elsewhere).
+
+    torchrun starts each worker in a session of its own, so killing `vlmtune train` and torchrun (kill -9 of the
+    process group, an out-of-memory kill, or Ctrl-C, after which subprocess.call SIGKILLs torchrun) would leave
+    the ranks training on, unsupervised, still writing into the work dir. Set for torchrun (by `relaunch`, before
+    exec) and in each worker."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def setup_slurm() -> None:
