@@ -194,14 +194,15 @@ class Chunk:
     count: int
 
 
-def record_chunks(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+def record_chunks(path: str | Path, chunk_bytes: int | None = None) -> Iterator[Chunk]:
     """Cut a `.json` list or a `.jsonl` file into chunks of whole records, without parsing the records.
 
     A JSON list is cut at its top-level commas, found by a vectorised scan of the bytes (quotes, backslash
     escapes, bracket depth); the file is memory-mapped, not read into this process. A file that is not a
     well-formed list raises the located JSONSyntaxError/UserError of the streaming reader (`check_syntax`).
+    `chunk_bytes` defaults to CHUNK_BYTES.
     """
-    path = Path(path)
+    path, chunk_bytes = Path(path), chunk_bytes or CHUNK_BYTES
     if not path.is_file():
         raise UserError(f"{path}: data file not found; check `data_path` in the config")
     if path.stat().st_size == 0:
@@ -210,8 +211,10 @@ def record_chunks(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[
         start = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark, skipped as "utf-8-sig" does
         if path.suffix == ".jsonl":
             yield from _line_chunks(mm, start, chunk_bytes)
-        else:
-            yield from _list_chunks(np.frombuffer(mm, dtype=np.uint8), start, chunk_bytes, path)
+            return None
+        well_formed = yield from _list_chunks(np.frombuffer(mm, dtype=np.uint8), start, chunk_bytes)
+    if not well_formed:  # raised here, once no view of the map is left
+        _malformed(path)
 
 
 def parse_chunk(path: str | Path, chunk: Chunk) -> list:
@@ -251,12 +254,13 @@ def _line_chunks(mm, start: int, chunk_bytes: int) -> Iterator[Chunk]:
         first, start = first + count, end
 
 
-def _list_chunks(buf: np.ndarray, start: int, chunk_bytes: int, path: Path) -> Iterator[Chunk]:
-    """JSON list: runs of consecutive elements of about `chunk_bytes`, cut at the list's top-level commas."""
+def _list_chunks(buf: np.ndarray, start: int, chunk_bytes: int) -> Iterator[Chunk]:
+    """JSON list: runs of consecutive elements of about `chunk_bytes`, cut at the list's top-level commas.
+    Returns False when the bytes are not a JSON list."""
     with contextlib.closing(_top_level(buf, start)) as events:  # closed here: it holds views of the map
         opening, char = next(events, (start, None))
         if char != OPEN or not _blank(buf[start:opening]):
-            return _malformed(path)
+            return False
         begin, first, commas = opening + 1, 0, 0  # the chunk being collected: first byte, first record, commas
         for pos, char in events:
             if char == COMMA and pos - begin < chunk_bytes:
@@ -267,10 +271,10 @@ def _list_chunks(buf: np.ndarray, start: int, chunk_bytes: int, path: Path) -> I
             elif char == CLOSE and _blank(buf[pos + 1 :]):
                 if first or commas or not _blank(buf[begin:pos]):  # else: an empty list
                     yield Chunk(begin, pos, first, commas + 1)  # a blank last element (trailing comma) fails to parse
-                return None
+                return True
             else:
-                break
-    return _malformed(path)
+                return False
+    return False
 
 
 def _blank(part: np.ndarray) -> bool:

@@ -1,0 +1,176 @@
+"""The fast token cache: the parallel build gives exactly the per-record tokens, and the cache is keyed right.
+
+- `record_chunks` cuts a JSON list at its top-level commas by scanning bytes; on records full of quotes,
+  backslash runs, brackets and commas inside strings, cut at every size and scanned in tiny blocks, the
+  chunks must hold exactly the records `json.load` gives; a malformed file raises the streaming reader's
+  located error.
+- `build_table` over a synthetic mix (several chunks, forked workers) must hold, row for row, what
+  `tokenize_conversation` gives each record (the golden-tested masking rule), with the same drops.
+- The cache is reused when nothing changed and rebuilt when the template, max_length, system text or the
+  data file change; a second rank waits on the build lock (no timeout) and then reads the same table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from vlmtune.config import DataConfig
+from vlmtune.data import llava_json
+from vlmtune.data.dataset import build_dataset, build_table
+from vlmtune.data.llava_json import JSONSyntaxError, normalize_record, parse_chunk, read_records, record_chunks
+from vlmtune.data.templates import get_template
+from vlmtune.data.tokenize import tokenize_conversation
+from vlmtune.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TRICKY = [
+    {"id": "q", "conversations": [{"from": "human", "value": 'say "hi", [ok]? {x}'}, {"from": "gpt", "value": "\\"}]},
+    {"id": "bs", "image": "a\\b.jpg", "conversations": [{"from": "human", "value": '<image>\\\\"],{"'}, {"from": "gpt", "value": "\\\\\\"}]},
+    {"id": "uni", "conversations": [{"from": "human", "value": "ünï ✓ 🚀 ,]"}, {"from": "gpt", "value": "\u2028"}]},
+    [1, [2, {"a": "]"}]], 42, None, "a string, with a comma",
+    {"nested": {"deep": [[[]]], "s": "}}}]]],,,"}, "n": -1.5e3},
+]
+
+
+def make_mix(path: Path, records: int) -> Path:
+    """A small synthetic mix665k, written by the benchmark's generator."""
+    spec = importlib.util.spec_from_file_location("make_synthetic_mix", ROOT / "scripts/bench/make_synthetic_mix.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(path), "--records", str(records)])
+    return path
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 333, 1 << 20])
+@pytest.mark.parametrize("scan_bytes", [7, 64, 1 << 20])
+@pytest.mark.parametrize("layout", ["compact", "indent", "bom"])
+def test_chunks_hold_exactly_the_records(tmp_path, monkeypatch, chunk_bytes, scan_bytes, layout):
+    monkeypatch.setattr(llava_json, "SCAN_BYTES", scan_bytes)
+    records = TRICKY * 3
+    text = json.dumps(records, indent=2 if layout == "indent" else None, ensure_ascii=layout == "compact")
+    path = tmp_path / "d.json"
+    path.write_bytes((b"\xef\xbb\xbf" if layout == "bom" else b"") + b" \n" + text.encode() + b"\n ")
+    chunks = list(record_chunks(path, chunk_bytes))
+    assert [r for c in chunks for r in parse_chunk(path, c)] == records == list(read_records(path))
+    assert [c.first for c in chunks] == np.cumsum([0] + [c.count for c in chunks])[:-1].tolist()
+    if chunk_bytes == 1:
+        assert len(chunks) == len(records)
+
+
+def test_jsonl_chunks_skip_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in TRICKY[:4]).replace("\n", "\n\n  \n", 1) + "\n")
+    chunks = list(record_chunks(path, 10))
+    assert [r for c in chunks for r in parse_chunk(path, c)] == TRICKY[:4]
+    assert [(c.first, c.count) for c in chunks] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("text", [
+    "", "[]", "[ ]", '[{"a": 1},]', '[{"a": 1} {"b": 2}]', '[{"a": 1}, {"b": 2}', '{"a": 1}', '[{"a": 1}] x',
+    '[{"a": "unterminated}]', "[1, 2]]", "[,]",
+])
+def test_malformed_lists_raise_what_the_streaming_reader_raises(tmp_path, tiny_tokenizer, text):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    cfg = DataConfig(data_path=str(path), image_folder="", prompt_template="vicuna")
+    try:
+        expected = list(read_records(path))
+    except (JSONSyntaxError, UserError) as e:
+        with pytest.raises(type(e)) as got:
+            build_table(cfg, tiny_tokenizer, 576, tmp_path / "cache")
+        assert str(got.value) == str(e)
+    else:
+        table, report = build_table(cfg, tiny_tokenizer, 576, tmp_path / "cache")
+        assert expected == [] and len(table) == report.total == 0
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    return make_mix(tmp_path_factory.mktemp("mix") / "mix.json", 240)
+
+
+@pytest.mark.parametrize("tokenizer,template", [("real", "vicuna"), ("tiny", "internlm2_chat")])
+def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, monkeypatch, request, tokenizer, template):
+    monkeypatch.setattr(llava_json, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
+    tok = request.getfixturevalue(f"{tokenizer}_tokenizer")
+    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900)
+    table, report = build_table(cfg, tok, 576, tmp_path)
+    rows = table.with_format("numpy", columns=["input_ids", "labels"], output_all_columns=True)
+    kept, dropped = [], 0
+    for index, raw in enumerate(json.loads(mix.read_text())):
+        sample = normalize_record(raw, index)
+        want = tokenize_conversation(sample.turns, tok, get_template(template), 900, 576)
+        if want.trainable:
+            kept.append((sample, want))
+        else:
+            dropped += 1
+    assert (report.total, report.kept, report.dropped.get("no_trainable_tokens", 0)) == (240, len(kept), dropped)
+    assert report.truncated == sum(w.truncated for _, w in kept) > 0
+    assert len(rows) == len(kept)
+    for row, (sample, want) in zip(rows, kept):
+        assert row["id"] == sample.id and row["images"] == sample.images[: want.num_images]
+        assert row["input_ids"].tolist() == want.input_ids and row["labels"].tolist() == want.labels
+        assert (row["length"], row["n_images"]) == (want.length, want.num_images)
+
+
+def entries(cache: Path) -> dict[str, int]:
+    """Cache folder -> mtime of its table (changes only when it is rebuilt)."""
+    return {p.name: (p / "table.arrow").stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
+
+
+def test_cache_reused_unless_a_key_changes(mix, tmp_path, tiny_tokenizer):
+    data = tmp_path / "data" / "mix.json"
+    data.parent.mkdir()
+    data.write_bytes(mix.read_bytes())
+    cache = tmp_path / "cache"
+    cfg = DataConfig(data_path=str(data), image_folder="", prompt_template="vicuna", max_length=2048)
+    build = lambda **kw: build_table(dataclasses.replace(cfg, **kw), tiny_tokenizer, 576, cache)  # noqa: E731
+    first, _ = build()
+    before = entries(cache)
+    again, _ = build()
+    assert entries(cache) == before and again["input_ids"] == first["input_ids"]  # reused, not rebuilt
+    for n, change in enumerate([{"prompt_template": "internlm2_chat"}, {"max_length": 1024}, {"system": "Be brief."}], 2):
+        changed, _ = build(**change)
+        assert len(entries(cache)) == n and changed["input_ids"] != first["input_ids"]
+    assert {k: v for k, v in entries(cache).items() if k in before} == before  # the others are untouched
+    data.write_text(json.dumps(json.loads(data.read_text())[:10]))  # the data file changes
+    table, report = build()
+    assert len(entries(cache)) == 5 and report.total == len(table) == 10
+
+
+def _build_in_child(cfg, tokenizer, cache, out):
+    table, report = build_table(cfg, tokenizer, 576, cache)
+    out.put((len(table), report.kept))
+
+
+def test_a_second_rank_waits_for_the_build_lock(mix, tmp_path, tiny_tokenizer):
+    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template="vicuna", max_length=2048)
+    table, _ = build_table(cfg, tiny_tokenizer, 576, tmp_path)
+    (folder,) = entries(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    with FileLock(str(tmp_path / folder) + ".lock"):  # rank 0 "building"
+        child = ctx.Process(target=_build_in_child, args=(cfg, tiny_tokenizer, tmp_path, out))
+        child.start()
+        time.sleep(1.5)
+        assert child.is_alive() and out.empty()  # waiting, not failed, not timed out
+    child.join(30)
+    assert out.get(timeout=1) == (len(table), len(table)) and child.exitcode == 0
+
+
+def test_dataset_modality_lengths_come_from_the_columns(mix, tmp_path, tiny_tokenizer):
+    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template="vicuna", max_length=2048)
+    dataset, _ = build_dataset(cfg, tiny_tokenizer, None, 576, tmp_path)
+    lengths = np.asarray(dataset.table["length"])
+    has_image = np.array([len(x) > 0 for x in dataset.table["images"]])
+    assert 0 < (~has_image).sum() < len(dataset)  # both modalities present
+    assert dataset.modality_lengths.tolist() == np.where(has_image, lengths, -lengths).tolist()
