@@ -19,6 +19,7 @@ from vlmtune.config import Config, ModelConfig, config_from_text
 from vlmtune.convert import keymaps
 from vlmtune.convert.pth_to_hf import CONFIG_FILE, rename
 from vlmtune.data.image import ImagePreprocessor
+from vlmtune.engine.checkpoint import safe_load
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
@@ -141,7 +142,7 @@ def load_projector(folder: Path, dtype: torch.dtype) -> Projector:
     if weights.is_file():
         state = load_file(str(weights))
     else:
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = safe_load(folder / "pytorch_model.bin")
     projector.load_state_dict(state)  # keymaps.XTUNER_PROJECTOR: the folder's names are the module's own
     return projector.to(dtype)
 

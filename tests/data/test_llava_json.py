@@ -108,3 +108,11 @@ def test_bad_records_raise_their_kind(kind, raw):
         normalize_record(raw, 0)
     assert e.value.kind == kind
     assert str(e.value).startswith(f"{kind}: ")
+
+
+def test_image_marker_in_an_answer_is_rejected():
+    raw = {"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat <image>"}]}
+    with pytest.raises(RecordError) as info:
+        normalize_record(raw, 0)
+    assert info.value.kind == "image_token_in_answer"

@@ -85,8 +85,6 @@ def test_a_converted_folder_with_a_pickled_payload_does_not_run_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="vlmtune/loading.py reads projector/pytorch_model.bin with a bare torch.load: "
-                   "the refusal is an UnpicklingError traceback; route it through engine.checkpoint.safe_load")
 def test_a_converted_folder_with_a_pickled_payload_is_refused_with_a_clear_message(tmp_path):
     from vlmtune.loading import load_projector
 

@@ -44,6 +44,7 @@ BLOCKING = {
     "image_token_without_image": "remove <image> or set `image`",
     "too_many_image_tokens": "one <image> per image",
     "too_few_image_tokens": "one <image> per image",
+    "image_token_in_answer": "move <image> into a human message",
     "image_path_escapes": "image paths must stay inside --image-folder (or list the root in allowed_image_roots)",
     "image_missing": "download the image or drop the record",
     "image_empty": "re-download the image",

@@ -1,9 +1,12 @@
 """Reading LLaVA JSON / JSONL records and normalising one record into a `Sample`.
 
-Normalisation follows XTuner's `llava_map_fn`: leading assistant messages are skipped, every `<image>` in
-a human message is moved to its front as `<image>\\n`, and consecutive human messages before an answer are
-joined. Anything else a real dataset gets wrong raises `RecordError(kind, detail)`; the training loader
-skips and counts such records, `vlmtune data check` reports them.
+Normalisation follows XTuner's `llava_map_fn`: leading assistant messages are skipped and every `<image>` in
+a human message is moved to its front as `<image>\\n`. Unlike XTuner, two human (or two assistant) messages
+in a row are not silently glued together: XTuner joins human messages without a separator, LLaVA asserts;
+we reject the record as `roles_out_of_order` so `data check` shows it. `<image>` inside an answer is rejected
+too (XTuner would drop the image and train on the marker). Anything a real dataset gets wrong raises
+`RecordError(kind, detail)`; the training loader skips and counts such records, `vlmtune data check`
+reports them.
 """
 from __future__ import annotations
 
@@ -329,7 +332,9 @@ def normalize_record(raw, index: int) -> Sample:
     if not isinstance(messages, list) or not messages:
         raise RecordError("missing_conversations", "`conversations` is missing or not a non-empty list")
     system, turns = _turns(messages)
-    n_tokens = sum(user.count(DEFAULT_IMAGE_TOKEN) + answer.count(DEFAULT_IMAGE_TOKEN) for user, answer in turns)
+    if any(DEFAULT_IMAGE_TOKEN in answer for _, answer in turns):
+        raise RecordError("image_token_in_answer", "an assistant message contains <image>; images belong in human messages")
+    n_tokens = sum(user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns)
     if images and n_tokens == 0:
         raise RecordError("image_token_missing", "`image` is set but no human turn contains <image>")
     if n_tokens > len(images):
