@@ -1,0 +1,147 @@
+"""Checkpoint files: which count, rotation, resume lookup, safe loading, and loading into a model.
+
+Real iter_N.pth / iter_N.ds pairs written by training are compared in tests/test_train.py; here the files
+are made by hand in the same layout, so every edge (leftovers of a crashed save, a pickle that would run code)
+is exact.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlmtune.config import load_config
+from vlmtune.engine.checkpoint import (DS_TAG, FORMAT, checkpoint_steps, find_resume, load_into_model,
+                                       load_trained_weights, rotate, safe_load)
+from vlmtune.errors import UserError
+
+
+def fake_checkpoint(work_dir, step: int) -> None:
+    """The layout save_checkpoint leaves: iter_N.ds/ckpt/ (DeepSpeed) and iter_N.pth."""
+    (work_dir / f"iter_{step}.ds" / DS_TAG).mkdir(parents=True)
+    torch.save({"format": FORMAT, "step": step}, work_dir / f"iter_{step}.pth")
+
+
+@pytest.fixture
+def work_dir(tmp_path):
+    for step in (1, 2, 5, 10):
+        fake_checkpoint(tmp_path, step)
+    # what crashes leave behind: a save interrupted before the rename, a half-written .pth, a .ds whose .pth
+    # was never written, and an unrelated file
+    (tmp_path / ".iter_12.ds.tmp" / DS_TAG).mkdir(parents=True)
+    (tmp_path / "iter_11.pth.tmp").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / "iter_13.ds" / DS_TAG).mkdir(parents=True)
+    (tmp_path / "iter_best.pth").write_bytes(b"")
+    return tmp_path
+
+
+def test_only_complete_checkpoints_count(work_dir):
+    assert checkpoint_steps(work_dir) == [1, 2, 5, 10]
+    assert checkpoint_steps(work_dir / "missing") == []
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(work_dir, tmp_path_factory):
+    assert find_resume(work_dir, "auto") == work_dir / "iter_10.pth"
+    assert find_resume(tmp_path_factory.mktemp("empty"), "auto") is None
+    assert find_resume(work_dir, str(work_dir / "iter_2.pth")) == work_dir / "iter_2.pth"
+    with pytest.raises(UserError, match="iter_11.pth: no such checkpoint file"):
+        find_resume(work_dir, str(work_dir / "iter_11.pth"))
+
+
+def test_rotation_keeps_the_newest_pairs(work_dir):
+    rotate(work_dir, keep=2)
+    names = sorted(p.name for p in work_dir.iterdir())
+    assert names == [".iter_12.ds.tmp", "iter_10.ds", "iter_10.pth", "iter_11.pth.tmp", "iter_13.ds", "iter_5.ds",
+                     "iter_5.pth", "iter_best.pth"]
+    rotate(work_dir, keep=0)  # 0 keeps everything
+    assert sorted(p.name for p in work_dir.iterdir()) == names
+    rotate(work_dir, keep=1)
+    assert checkpoint_steps(work_dir) == [10] and not (work_dir / "iter_5.ds").exists()
+
+
+class Payload:
+    """Unpickling this runs open(path, 'w'): a stand-in for a checkpoint from the internet that runs code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "iter_1.pth"
+    torch.save({"format": FORMAT, "state_dict": {"projector.model.0.weight": torch.zeros(2)}, "x": Payload(marker)}, evil)
+    with pytest.raises(UserError, match="iter_1.pth: refused to load: the file contains pickled code"):
+        load_trained_weights(evil)
+    with pytest.raises(UserError, match="refused to load"):
+        safe_load(evil)
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load does run it
+    assert marker.exists()
+
+
+def test_unreadable_and_foreign_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="nowhere.pth: checkpoint not found"):
+        load_trained_weights(tmp_path / "nowhere.pth")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="cut.pth: not a readable checkpoint"):
+        load_trained_weights(tmp_path / "cut.pth")
+    torch.save({"meta": "no tensors here"}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="other.pth: not a vlmtune checkpoint"):
+        load_trained_weights(tmp_path / "other.pth")
+    (tmp_path / "empty.ds").mkdir()
+    with pytest.raises(UserError, match="empty.ds: not a DeepSpeed checkpoint folder"):
+        load_trained_weights(tmp_path / "empty.ds")
+
+
+def test_a_bare_state_dict_loads_without_a_config(tmp_path):
+    weights = {"projector.model.0.weight": torch.randn(4, 3), "projector.model.0.bias": torch.randn(4)}
+    torch.save(weights, tmp_path / "projector.pth")
+    loaded, config = load_trained_weights(tmp_path / "projector.pth")
+    assert config is None and loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_a_vlmtune_checkpoint_brings_its_config(tiny, tmp_path):
+    cfg = load_config("tiny_llava_pretrain", {"lr": 0.05})
+    weights = {"projector.model.2.bias": torch.randn(8)}
+    torch.save({"format": FORMAT, "state_dict": weights, "config_text": cfg.text, "config_name": cfg.name,
+                "step": 3, "trainer_state": {"step": 3}}, tmp_path / "iter_3.pth")
+    loaded, config = load_trained_weights(tmp_path / "iter_3.pth")
+    assert torch.equal(loaded["projector.model.2.bias"], weights["projector.model.2.bias"])
+    assert config.name == "tiny_llava_pretrain" and config.train.lr == 0.05 and config.text == cfg.text
+
+
+def test_a_zero3_folder_points_at_the_pth(tmp_path):
+    (tmp_path / "iter_4.ds" / DS_TAG).mkdir(parents=True)
+    torch.save({"module": {}, "param_shapes": [{}], "ds_config": {"zero_optimization": {"stage": 3}}},
+               tmp_path / "iter_4.ds" / DS_TAG / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth"):
+        load_trained_weights(tmp_path / "iter_4.ds")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"projector": nn.Linear(3, 4), "llm": nn.Linear(4, 4), "lora": nn.Linear(4, 2)})
+    model["llm"].requires_grad_(False)
+    return model
+
+
+def test_load_into_model_copies_and_reports_what_starts_fresh():
+    model = tiny_model()
+    weights = {"projector.weight": torch.randn(4, 3), "projector.bias": torch.randn(4)}
+    fresh = load_into_model(model, weights, "pretrain.pth")
+    assert torch.equal(model["projector"].weight, weights["projector.weight"])
+    assert torch.equal(model["projector"].bias, weights["projector.bias"])
+    assert fresh == ["lora.weight", "lora.bias"]  # trainable, not in the file; frozen llm.* is not listed
+
+
+def test_load_into_model_refuses_weights_of_another_model():
+    model = tiny_model()
+    before = model["projector"].weight.detach().clone()
+    with pytest.raises(UserError, match=r"pretrain.pth: 1 weights do not fit this model \(first: 'projector.model.0.weight'\)"):
+        load_into_model(model, {"projector.weight": torch.randn(4, 3), "projector.model.0.weight": torch.randn(4, 3)},
+                        "pretrain.pth")
+    assert torch.equal(model["projector"].weight, before)  # nothing copied from a file that does not fit
