@@ -90,41 +90,43 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
     run_start, start_step = time.time(), state.step
     engine.train()
-    while state.step < total_steps:
-        batches = [next(stream) for _ in range(tc.accumulative_counts)]
-        epoch = batches[-1][0]
-        skipped = [s for _, b in batches for s in b["skipped"]]
-        counts = torch.tensor([[*count_tokens(b, image_length), len(b["ids"]), 0] for _, b in batches]).sum(0)
-        counts[3] = len(skipped)
-        n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
-        lr = engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside its last engine.step()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for _, batch in batches:
-            out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in MODEL_INPUTS if k in batch})
-            engine.backward(out_sum * info.world_size / max(n_targets, 1), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += out_sum.detach().double().cpu()
-        state.step += 1
-        state.samples_seen += n_samples
-        _account_skipped(state, skipped, n_skipped, cfg, logger)
-        window["loss"] += float(all_reduce_sum(loss_sum))
-        window["targets"] += n_targets
-        window["tokens"] += n_tokens
-        window["samples"] += n_samples
-        window["steps"] += 1
-        bar.update(1)
-        if state.step % tc.logging_interval == 0 or state.step == total_steps:
-            record = _record(engine, lr, state, epoch, total_steps, window, run_start, start_step, info)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-            metrics.log(record)
-            window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
-        if evaluate is not None and (state.step % tc.evaluation_freq == 0 or state.step == total_steps):
-            evaluate(state.step)
-        if state.step % tc.save_steps == 0 or state.step == total_steps:
-            path = checkpoint.save_checkpoint(engine, engine.module, work_dir, state.step, state.__dict__, cfg, info, tc.save_total_limit)
-            logger.info(f"saved {path}")
-    bar.close()
+    try:  # the bar is closed on errors too, so the one-line error starts on its own line
+        while state.step < total_steps:
+            batches = [next(stream) for _ in range(tc.accumulative_counts)]
+            epoch = batches[-1][0]
+            skipped = [s for _, b in batches for s in b["skipped"]]
+            counts = torch.tensor([[*count_tokens(b, image_length), len(b["ids"]), 0] for _, b in batches]).sum(0)
+            counts[3] = len(skipped)
+            n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
+            lr = engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside its last engine.step()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for _, batch in batches:
+                out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in MODEL_INPUTS if k in batch})
+                engine.backward(out_sum * info.world_size / max(n_targets, 1), scale_wrt_gas=False)
+                engine.step()
+                loss_sum += out_sum.detach().double().cpu()
+            state.step += 1
+            state.samples_seen += n_samples
+            _account_skipped(state, skipped, n_skipped, cfg, logger)
+            window["loss"] += float(all_reduce_sum(loss_sum))
+            window["targets"] += n_targets
+            window["tokens"] += n_tokens
+            window["samples"] += n_samples
+            window["steps"] += 1
+            bar.update(1)
+            if state.step % tc.logging_interval == 0 or state.step == total_steps:
+                record = _record(engine, lr, state, epoch, total_steps, window, run_start, start_step, info)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                logger.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+                metrics.log(record)
+                window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
+            if evaluate is not None and (state.step % tc.evaluation_freq == 0 or state.step == total_steps):
+                evaluate(state.step)
+            if state.step % tc.save_steps == 0 or state.step == total_steps:
+                path = checkpoint.save_checkpoint(engine, engine.module, work_dir, state.step, state.__dict__, cfg, info, tc.save_total_limit)
+                logger.info(f"saved {path}")
+    finally:
+        bar.close()
     plot = metrics.close()
     if plot is not None:
         logger.info(f"loss curve: {plot}")
