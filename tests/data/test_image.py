@@ -60,9 +60,17 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert list(out) == sorted(out) and out[-1] == 255
 
 
-def test_16_bit_image_in_8_bit_range_is_unchanged():
-    small = Image.fromarray(np.array([[0, 17, 200, 255]], dtype=np.uint16))
+def test_32_bit_int_image_in_8_bit_range_is_unchanged():
+    small = Image.fromarray(np.array([[0, 17, 200, 255]], dtype=np.int32))
+    assert small.mode == "I"
     assert pixels(to_rgb(small))[0, :, 0].tolist() == [0, 17, 200, 255]
+
+
+def test_dark_16_bit_image_stays_dark():
+    # scaling follows the bit depth, not the image's own maximum: 255/65535 of full scale is ~1/255
+    dark = Image.fromarray(np.array([[0, 257, 2570, 25700]], dtype=np.uint16))
+    assert dark.mode == "I;16"
+    assert pixels(to_rgb(dark))[0, :, 0].tolist() == [0, 1, 10, 100]
 
 
 def test_missing_empty_and_broken_files_are_record_errors(tmp_path):

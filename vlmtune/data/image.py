@@ -46,11 +46,16 @@ def resolve_image_path(image_folder: str | Path, relative: str, allowed_roots: t
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of any PIL mode; 16-bit and float greyscale are scaled to 8 bits first (plain convert clips)."""
+    """RGB copy of any PIL mode; 16-bit and float greyscale are scaled to 8 bits first (plain convert clips).
+
+    The scale follows the bit depth, not the image's own maximum (a dark 16-bit photo stays dark): 16-bit
+    modes divide by 257 (65535 -> 255); 32-bit int/float data is read as 16-bit when it exceeds 255, else as
+    8-bit."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        scale = 255.0 / max(float(array.max()), 255.0)  # 16-bit data is scaled down, 8-bit-range data kept
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+        sixteen_bit = image.mode.startswith("I;16") or float(array.max()) > 255.0
+        scale = 255.0 / 65535.0 if sixteen_bit else 1.0
+        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 
