@@ -121,10 +121,11 @@ def link_images(dataset, batches: list[list[int]], folder: Path) -> None:
 
 
 def baseline_main(args) -> None:
-    """The naive way, in one process: json.load, then normalize + tokenize record by record."""
+    """The naive way, in one process: json.load, then normalize + tokenize record by record - through
+    tokenize_conversation, and with one tokenizer.encode call per encoding unit (XTuner's encode_fn)."""
     from vlmtune.data.llava_json import normalize_record
     from vlmtune.data.templates import get_template
-    from vlmtune.data.tokenize import tokenize_conversation
+    from vlmtune.data.tokenize import encode_texts, render_units, special_ids, tokenize_conversation
     from vlmtune.model.build import load_tokenizer
 
     start = time.perf_counter()
@@ -134,13 +135,24 @@ def baseline_main(args) -> None:
     load_s = time.perf_counter() - start
     loaded = rss()
     template, n = get_template("vicuna"), min(args.baseline_records, len(records))
+    samples = [normalize_record(raw, index) for index, raw in enumerate(records[:n])]
     t = time.perf_counter()
-    for index, raw in enumerate(records[:n]):
-        sample = normalize_record(raw, index)
+    for sample in samples:
         tokenize_conversation(sample.turns, tokenizer, template, 2048, 576, sample.system)
     per_record = (time.perf_counter() - t) / n
-    print(json.dumps({"load_s": load_s, "per_record_s": per_record, "records": len(records), "measured": n,
-                      "total_s": load_s + per_record * len(records), "rss_after_load": loaded}))
+    bos, eos = special_ids(tokenizer)
+    t = time.perf_counter()
+    for sample in samples:
+        for unit, _ in render_units(sample.turns, template, sample.system, bos, eos):
+            if isinstance(unit, str):
+                tokenizer.encode(unit, add_special_tokens=False)
+    per_unit = (time.perf_counter() - t) / n
+    texts = [u for s in samples for u, _ in render_units(s.turns, template, s.system, bos, eos) if isinstance(u, str)]
+    t = time.process_time()  # this process runs with TOKENIZERS_PARALLELISM=false: one core
+    ids = sum(map(len, encode_texts(texts, tokenizer)))
+    print(json.dumps({"tokenizer_s_per_id": (time.process_time() - t) / ids,"load_s": load_s, "records": len(records), "measured": n, "rss_after_load": loaded,
+                      "total_s": load_s + per_record * len(records), "per_record_s": per_record,
+                      "per_unit_total_s": load_s + per_unit * len(records), "per_unit_s": per_unit}))
 
 
 def run(mode: str, args, extra: list[str], count: int = 1) -> list[dict]:
@@ -149,6 +161,8 @@ def run(mode: str, args, extra: list[str], count: int = 1) -> list[dict]:
     for rank in range(count):
         cmd = [sys.executable, __file__, "--mode", mode, "--rank", str(rank), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", RANK=str(rank), WORLD_SIZE=str(count))
+        if mode == "baseline":
+            env["TOKENIZERS_PARALLELISM"] = "false"  # the naive way runs on one core
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
     outs = []
     for p in procs:
@@ -240,11 +254,18 @@ def main(argv=None) -> int:
     report("cold", cold)
     report("warm", warm)
     cold_s, warm_s = max(r["order_s"] for r in cold), max(r["order_s"] for r in warm)
-    print(f"baseline (json.load + per-record tokenize_conversation, {base['measured']:,} of {base['records']:,} "
-          f"records timed): json.load {base['load_s']:.1f} s, RssAnon {base['rss_after_load']['RssAnon']:.0f} MiB after it, "
-          f"{base['per_record_s'] * 1e3:.2f} ms/record -> {base['total_s']:.0f} s for the file")
-    print(f"\ncold {cold_s:.1f} s (target <= 60): {base['total_s'] / cold_s:.1f}x faster than the baseline; "
-          f"build {cold[0]['stored_ids'] / cold_s / 1e6:.2f}M ids/s")
+    cores = len(os.sched_getaffinity(0))
+    print(f"baseline (json.load, then record by record; {base['measured']:,} of {base['records']:,} records timed): "
+          f"json.load {base['load_s']:.1f} s, RssAnon {base['rss_after_load']['RssAnon']:.0f} MiB after it; "
+          f"tokenize_conversation {base['per_record_s'] * 1e3:.2f} ms/record -> {base['total_s']:.0f} s for the file; "
+          f"one tokenizer.encode per unit (XTuner's encode_fn) {base['per_unit_s'] * 1e3:.2f} ms/record -> "
+          f"{base['per_unit_total_s']:.0f} s")
+    print(f"\ncold {cold_s:.1f} s (target <= 60): {base['total_s'] / cold_s:.1f}x faster than the baseline "
+          f"({base['per_unit_total_s'] / cold_s:.1f}x than per-unit encode); {cold[0]['stored_ids'] / cold_s / 1e6:.2f}M ids/s, "
+          f"{max(r['cpu_s'] for r in cold):.0f} CPU-s on {cores} cores")
+    floor = cold[0]["stored_ids"] * base["tokenizer_s_per_id"]
+    print(f"the tokenizer alone: {base['tokenizer_s_per_id'] * 1e6:.2f} us per id per core -> {floor:.0f} CPU-s for the "
+          f"{cold[0]['stored_ids'] / 1e6:.0f}M ids, a floor of {floor / cores:.0f} s on {cores} cores")
     print(f"warm {warm_s:.2f} s (target <= 5): {base['total_s'] / warm_s:.0f}x faster than the baseline")
     worst = max(r["rss_after"]["RssAnon"] for r in cold + warm)
     print(f"max rank RssAnon {worst:.0f} MiB (target <= 1024); baseline after json.load alone "
