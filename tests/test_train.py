@@ -62,6 +62,7 @@ def train_env(**launch) -> dict:
             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets for its ranks; more threads than free cores stall
     env.update({k: str(v) for k, v in launch.items()})
     return env
 
