@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from vlmtune.data import llava_json
 from vlmtune.data.dataset import build_dataset, build_table
 from vlmtune.data.llava_json import JSONSyntaxError, normalize_record, parse_chunk, read_records, record_chunks
 from vlmtune.data.templates import get_template
-from vlmtune.data.tokenize import tokenize_conversation
+from vlmtune.data.tokenize import tokenize_conversation, tokenize_conversations, truncate
 from vlmtune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,19 @@ def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, m
         assert row["id"] == sample.id and row["images"] == sample.images[: want.num_images]
         assert row["input_ids"].tolist() == want.input_ids and row["labels"].tolist() == want.labels
         assert (row["length"], row["n_images"]) == (want.length, want.num_images)
+
+
+def test_batched_truncation_matches_one_by_one(real_tokenizer):
+    """tokenize_conversations over many samples = each alone, at limits inside, at and beyond the samples."""
+    template = get_template("vicuna")
+    conversations = [([("<image>\nDescribe." + " word" * k, "An answer." * k), ("More?", "Yes.")], "") for k in range(0, 60, 7)]
+    for max_length in (1, 577, 600, 620, 2048, sys.maxsize):
+        batch = tokenize_conversations(conversations, real_tokenizer, template, max_length, 576)
+        for i, (turns, system) in enumerate(conversations):
+            full = tokenize_conversation(turns, real_tokenizer, template, sys.maxsize, 576)
+            assert batch[i] == truncate(full.input_ids, full.labels, max_length, 576)
+            assert batch.trainable[i] == batch[i].trainable
+        assert batch.truncated.any() == (max_length <= 620)
 
 
 def entries(cache: Path) -> dict[str, int]:

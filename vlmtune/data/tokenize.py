@@ -158,26 +158,30 @@ def assemble(rendered: list[list[Unit]], encoded: dict[str, list[int]], max_leng
     ids = np.fromiter(itertools.chain.from_iterable(pieces), np.int32, count=int(sizes.sum()))
     supervised = np.fromiter((s for units in rendered for _, s in units), bool, count=len(pieces))
     labels = np.where(np.repeat(supervised, sizes), ids, np.int32(IGNORE_INDEX)).astype(np.int32)
-    owner = np.repeat(np.arange(len(rendered)), [len(units) for units in rendered])  # conversation of each unit
-    counts = np.bincount(owner, weights=sizes, minlength=len(rendered)).astype(np.int64)
-    return truncate_batch(ids, labels, np.concatenate([[0], np.cumsum(counts)]), max_length, image_length)
+    unit_ends = np.cumsum(np.fromiter(map(len, rendered), np.int64, count=len(rendered)))
+    token_ends = np.concatenate([[0], np.cumsum(sizes)])[unit_ends]
+    return truncate_batch(ids, labels, np.concatenate([[0], token_ends]), max_length, image_length)
 
 
 def truncate_batch(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max_length: int, image_length: int) -> TokenizedBatch:
     """Cut each sample so its image-expanded length fits `max_length`; an image is kept whole or dropped."""
-    n = len(offsets) - 1
-    counts = np.diff(offsets)
-    owner = np.repeat(np.arange(n), counts)  # sample of each token
-    widths = np.where(ids == IMAGE_TOKEN_INDEX, image_length, 1).astype(np.int64)
-    ends = np.cumsum(widths)
-    starts = np.concatenate([[0], ends])[offsets[:-1]]  # expanded position where each sample begins
-    keep = ends - np.repeat(starts, counts) <= max_length  # a prefix of every sample: ends only grow
-    per_sample = lambda mask: np.bincount(owner, weights=mask, minlength=n).astype(np.int64)  # noqa: E731
-    kept = per_sample(keep)
+    starts, ends = offsets[:-1], offsets[1:]
+    is_image = ids == IMAGE_TOKEN_INDEX
+    # expanded[j] = expanded position where token j starts (cumulative over all samples, increasing)
+    expanded = np.concatenate([[0], np.cumsum(np.where(is_image, image_length, 1))])
+    # a sample keeps the tokens that end within max_length of its start: a prefix, found by one search
+    limit = min(max_length, int(expanded[-1]))  # no overflow for max_length = sys.maxsize
+    stops = np.minimum(np.searchsorted(expanded[1:], expanded[starts] + limit, side="right"), ends)
+    images = np.concatenate([[0], np.cumsum(is_image)])
+    targets = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    truncated = stops < ends
+    keep = np.ones(len(ids), dtype=bool)
+    for i in np.flatnonzero(truncated):
+        keep[stops[i] : ends[i]] = False
     return TokenizedBatch(
-        input_ids=ids[keep], labels=labels[keep], offsets=np.concatenate([[0], np.cumsum(kept)]),
-        lengths=per_sample(widths * keep), num_images=per_sample(keep & (ids == IMAGE_TOKEN_INDEX)),
-        truncated=kept < counts, trainable=per_sample(keep & (labels != IGNORE_INDEX)) > 0,
+        input_ids=ids[keep], labels=labels[keep], offsets=np.concatenate([[0], np.cumsum(stops - starts)]),
+        lengths=expanded[stops] - expanded[starts], num_images=images[stops] - images[starts],
+        truncated=truncated, trainable=targets[stops] > targets[starts],
     )
 
 
