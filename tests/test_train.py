@@ -315,12 +315,12 @@ def test_qlora_finetune_from_pretrain(qlora_2ranks, pretrain_2ranks):
 
 
 def test_pretrain_killed_with_sigkill_resumes_exactly(pretrain_2ranks, runs):
-    """SIGKILL the whole process group (CLI + torchrun; the ranks must die with torchrun) after step 3 of 8,
+    """SIGKILL the whole process group (CLI + torchrun; the ranks must die with torchrun) after step 2 of 8,
     resume with --resume auto: the weights and losses of the uninterrupted run (pretrain_2ranks, same
     options). A crashed save of step 99 left behind is ignored."""
     work_dir = runs / "pretrain_killed"
     proc = start_killable("tiny_llava_pretrain", work_dir, PRETRAIN, **two_ranks())
-    wait_for(work_dir / "iter_3.pth", proc)
+    wait_for(work_dir / "iter_2.pth", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert_none_left(work_dir)
@@ -329,7 +329,7 @@ def test_pretrain_killed_with_sigkill_resumes_exactly(pretrain_2ranks, runs):
 
     assert_ok(run_train("tiny_llava_pretrain", work_dir, PRETRAIN, "--resume", "auto", **two_ranks()))
     k = resumed_step(work_dir)
-    assert 3 <= k < 8
+    assert 2 <= k < 8
     assert max_rel_diff(weights(work_dir, 8), weights(pretrain_2ranks, 8)) <= WEIGHT_RTOL
     resumed, reference = records(work_dir), records(pretrain_2ranks)
     for step in range(k + 1, 9):
@@ -337,13 +337,13 @@ def test_pretrain_killed_with_sigkill_resumes_exactly(pretrain_2ranks, runs):
 
 
 def test_qlora_rank_killed_with_sigkill_fails_the_run_then_resumes_exactly(qlora_2ranks, pretrain_2ranks, runs):
-    """2-rank QLoRA (LoRA dropout 0.05, so per-rank RNG matters): SIGKILL rank 1 after step 3 of 10. The
+    """2-rank QLoRA (LoRA dropout 0.05, so per-rank RNG matters): SIGKILL rank 1 after step 2 of 10. The
     launcher must exit non-zero (not hang with rank 0 stuck in a collective); `--resume auto` then ends with
     the weights of the uninterrupted qlora_2ranks run."""
     work_dir = runs / "qlora_killed"
     options = qlora_options(pretrain_2ranks)
     proc = start_killable("tiny_llava_finetune_qlora", work_dir, options, **two_ranks())
-    wait_for(work_dir / "iter_3.pth", proc)
+    wait_for(work_dir / "iter_2.pth", proc)
     rank1 = [pid for pid, env in run_pids(work_dir).items() if env.get("RANK") == "1" and "LOCAL_RANK" in env]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)
@@ -357,7 +357,7 @@ def test_qlora_rank_killed_with_sigkill_fails_the_run_then_resumes_exactly(qlora
 
     assert_ok(run_train("tiny_llava_finetune_qlora", work_dir, options, "--resume", "auto", **two_ranks()))
     k = resumed_step(work_dir)
-    assert 3 <= k < 10
+    assert 2 <= k < 10
     assert max_rel_diff(weights(work_dir, 10), weights(qlora_2ranks, 10)) <= WEIGHT_RTOL
     resumed, reference = records(work_dir), records(qlora_2ranks)
     for step in range(k + 1, 11):
