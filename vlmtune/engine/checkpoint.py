@@ -91,10 +91,10 @@ def find_resume(work_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def safe_load(path: Path) -> dict:
+def safe_load(path: Path, map_location="cpu") -> dict:
     """torch.load with weights_only=True; anything that needs code to unpickle is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load: the file contains pickled code or objects, not only weights "
                         f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None
@@ -151,11 +151,25 @@ def load_resume_state(engine, pth: Path, info: DistInfo) -> dict:
     ds_dir = pth.with_suffix(".ds")
     if not (ds_dir / DS_TAG).is_dir():
         raise UserError(f"{pth}: its DeepSpeed folder {ds_dir} is missing, so optimizer state cannot be resumed")
+    # DeepSpeed's own loader unpickles its shards with weights_only=False; read them the safe way instead
+    engine.checkpoint_engine.load = deepspeed_safe_load
     engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=False)
     rng = ds_dir / DS_TAG / f"rng_rank{info.rank}.pt"
     if rng.is_file():
         _set_rng_state(safe_load(rng))
     return safe_load(pth)["trainer_state"]
+
+
+def deepspeed_safe_load(path: str, map_location=None) -> dict:
+    """Load a DeepSpeed shard with weights_only=True, allowing only the plain data classes DeepSpeed stores
+    in optimizer states (its loss scaler, the ZeRO stage enum, fragment addresses); any other pickled
+    object is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return safe_load(Path(path), map_location)
 
 
 def _rng_state() -> dict:
