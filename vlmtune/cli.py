@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train` re-launches itself through torchrun with the same arguments
     try:
+        if args.command == "train":  # decide on torchrun before importing the (heavy) training stack
+            from vlmtune.engine.launch import relaunch
+
+            code = relaunch(argv)
+            if code is not None:
+                return code
         code = _resolve(args.target)(args)
     except UserError as e:
         print(f"vlmtune: error: {e}", file=sys.stderr)

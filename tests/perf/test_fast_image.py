@@ -70,8 +70,8 @@ def test_fast_refuses_settings_it_does_not_reproduce(processor, change, name):
 
 
 def test_config_key_selects_the_method_and_rejects_others(tiny):
-    assert load_config("tiny_llava_pretrain").data.image_preprocess == "fast"
-    assert load_config("tiny_llava_pretrain", {"image_preprocess": "hf"}).data.image_preprocess == "hf"
+    assert load_config("tiny_llava_pretrain").data.image_preprocess == "hf"  # default: bit-exact with transformers
+    assert load_config("tiny_llava_pretrain", {"image_preprocess": "fast"}).data.image_preprocess == "fast"
     with pytest.raises(UserError, match="image_preprocess.*one of fast, hf"):
         load_config("tiny_llava_pretrain", {"image_preprocess": "pil"})
     with pytest.raises(ValueError, match="image_preprocess"):
