@@ -21,7 +21,10 @@ LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "LOCAL_R
 def env(monkeypatch):
     """A clean launch environment; set variables with monkeypatch.setenv through the returned object."""
     for name in LAUNCH_VARS:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so monkeypatch records the original state: code under test (setup_slurm) writes
+        # os.environ directly, and those writes must not leak into later tests
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
