@@ -2,7 +2,8 @@
 
 Checked over README.md and docs/**/*.md (plus the commands of scripts/quickstart.sh):
 - `vlmtune SUB [ACTION]` in code blocks and inline code is a real subcommand of `vlmtune.cli.build_parser()`,
-  and every `--flag` written after it (up to the end of the command) is an option of that subcommand;
+  and every `--flag` written after it (up to the end of the command) is an option of that subcommand; an
+  inline span that starts with a flag (`--is-clip`) is an option of some subcommand;
 - config names (`llava_..._pretrain`, `tiny_llava_...`, the argument of `vlmtune train` / `copy-cfg`) are in
   `vlmtune list-cfg`; template names (`--prompt-template X`, `prompt_template = 'X'`, `` `X_chat` ``) exist;
 - relative links and images resolve; `docs/...`, `scripts/...`, `vlmtune/...`, `tests/...`, `configs/...` paths exist;
@@ -35,6 +36,8 @@ IMG_TAG = re.compile(r"<img\s[^>]*src=\"([^\"]+)\"")
 CONFIG_NAME = re.compile(r"\b(?:tiny_)?llava(?:_\w+)?_(?:pretrain|finetune)(?:_\w+)?\b")
 REPO_PATH = re.compile(r"(?<![\w./-])(?:docs|scripts|vlmtune|tests|configs)/[\w./*<>-]*")
 TEMPLATE_KEY = re.compile(r"prompt_template\s*=\s*['\"](\w+)['\"]")
+# Flags of other tools that the docs name on their own: XTuner chat's (not ported) and VLMEvalKit's.
+FOREIGN_FLAGS = {"--with-plugins", "--lagent", "--bot-name", "--offload-folder", "--system-template", "--judge"}
 ENDS_COMMAND = {"|", "||", "&&", ";", ">", ">>", "2>", "2>&1", "#", "->", "<-", "=", "\\", "/"}
 
 
@@ -84,7 +87,7 @@ def is_placeholder(token: str) -> bool:
 
 def flag_names(token: str) -> list[str]:
     """The option string(s) a token stands for: `[--x` -> --x, `--x=1` -> --x, `--[no-]x` -> --x, --no-x."""
-    token = token.strip("[]()").split("=")[0]
+    token = token.strip("[]()").split("=")[0].split("/")[0]
     if not re.match(r"^--?[A-Za-z\[]", token):
         return []
     if "[no-]" in token:
@@ -122,6 +125,23 @@ def command_problems(line: str, parser: argparse.ArgumentParser, where: str) -> 
                     problems.append(f"{where}: `{name}` has no option {flag}")
         problems += config_argument_problems(name, args, where)
     return problems
+
+
+def all_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of every (sub)command."""
+    found = set(parser._option_string_actions)
+    for sub in subparsers(parser).values():
+        found |= all_options(sub)
+    return found
+
+
+def standalone_flag_problems(text: str, parser: argparse.ArgumentParser, where: str) -> list[str]:
+    """An inline code span that starts with a flag (`--is-clip`, `--bits 4`) names an option of some subcommand."""
+    known = all_options(parser) | FOREIGN_FLAGS
+    spans = [" ".join(m.group(1).split()) for m in INLINE.finditer(split_code(text)[1])]
+    return [f"{where}: no vlmtune command has the option {flag} (`{span}`)"
+            for span in spans if span.startswith("-")
+            for word in tokens(span) for flag in flag_names(word) if flag not in known]
 
 
 def config_argument_problems(name: str, args: list[str], where: str) -> list[str]:
@@ -177,6 +197,7 @@ def check_markdown(text: str, md_dir: Path, where: str) -> list[str]:
     """Every problem the docs test looks for in one markdown text."""
     parser = build_parser()
     problems = [p for line in code_lines(text) for p in command_problems(line, parser, where)]
+    problems += standalone_flag_problems(text, parser, where)
     return problems + name_problems(text, where) + path_problems(text, md_dir, where)
 
 
@@ -207,7 +228,7 @@ vlmtune data check x.json --image-folder imgs --not-a-data-flag
 vlmtune chat llm --llava hf --prompt-template internlm3_chat
 ```
 Inline: `vlmtune mmbench llm --data-path x.tsv --matchr xtuner` and `vlmtune copy-cfg NAME dir`, prose
-`llava_foo_7b_clip_e1_gpu8_pretrain`, `prompt_template = 'qwen9_chat'`, [ok](real.md), [bad](missing.md),
+`llava_foo_7b_clip_e1_gpu8_pretrain`, `prompt_template = 'qwen9_chat'`, `--is-clp`, [ok](real.md), [bad](missing.md),
 ![plot](images/none.png), <img src="nope.png">, scripts/no_such_script.sh, docs/en/nothing.md, and
 `vlmtune chat llm --image a.jpg` and `vlmtune mmbench llm --data-path t.tsv --[no-]pad-image-to-square` are fine.
 """
@@ -217,7 +238,8 @@ Inline: `vlmtune mmbench llm --data-path x.tsv --matchr xtuner` and `vlmtune cop
                 "`vlmtune data check` has no option --not-a-data-flag", "prompt template 'internlm3_chat'",
                 "`vlmtune mmbench` has no option --matchr", "config name llava_foo_7b_clip_e1_gpu8_pretrain",
                 "prompt template 'qwen9_chat'", "link or image missing.md", "link or image images/none.png",
-                "link or image nope.png", "path scripts/no_such_script.sh", "path docs/en/nothing.md"]
+                "link or image nope.png", "path scripts/no_such_script.sh", "path docs/en/nothing.md",
+                "no vlmtune command has the option --is-clp"]
     for message in expected:
         assert message in problems, f"the checker missed: {message}\n{problems}"
     assert problems.count("\n") + 1 == len(expected), problems  # and nothing else (the fine ones pass)
