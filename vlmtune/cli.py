@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # `train` re-launches itself through torchrun with the same arguments
     try:
         if args.command == "train":  # decide on torchrun before importing the (heavy) training stack
+            from vlmtune.config import load_config, parse_cfg_options
             from vlmtune.engine.launch import relaunch
 
+            load_config(args.config, parse_cfg_options(args.cfg_options))  # a bad config fails once, here
             code = relaunch(argv)
             if code is not None:
                 return code

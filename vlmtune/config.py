@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors that name the key and the file.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import types
@@ -114,6 +115,21 @@ def list_configs(pattern: str | None = None) -> list[str]:
     """Names of shipped configs (without .py), optionally those containing `pattern`."""
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
     return [n for n in names if pattern is None or pattern.lower() in n.lower()]
+
+
+def parse_cfg_options(options: list[str]) -> dict:
+    """`--cfg-options key=value ...`: values are Python literals when they parse as one (`{'r': 8}`, `(0.9, 0.99)`),
+    strings otherwise; dotted keys (`llm_lora.r=8`) set one entry of a dict value, as in mmengine."""
+    out = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--cfg-options {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def load_config(name_or_path: str, cfg_options: dict | None = None) -> Config:

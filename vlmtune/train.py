@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import ast
 import functools
 import random
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmtune.config import Config, load_config
+from vlmtune.config import Config, load_config, parse_cfg_options
 from vlmtune.data.collate import collate, collate_packed
 from vlmtune.data.dataset import build_dataset
 from vlmtune.data.image import ImagePreprocessor, load_image
@@ -29,20 +28,6 @@ from vlmtune.engine.trainer import TrainState, fit, lr_lambda
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
 from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
-
-
-def parse_cfg_options(options: list[str]) -> dict:
-    """`key=value` pairs; values are Python literals when they parse as one, strings otherwise."""
-    out = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--cfg-options {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def main(args) -> int:

@@ -140,6 +140,12 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     if unexpected:
         raise UserError(f"{source}: {len(unexpected)} weights do not fit this model (first: {unexpected[0]!r}); "
                         "was it trained with a different config (LoRA settings, LLM, projector depth)?")
+    wrong = [k for k, v in state_dict.items() if v.shape != params[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{source}: {len(wrong)} weights have other shapes than this model's (first: {k!r} "
+                        f"{tuple(state_dict[k].shape)} vs {tuple(params[k].shape)}); it was trained with a different "
+                        "config (LoRA rank, LLM, projector): use the config saved with the checkpoint")
     with torch.no_grad():
         for name, value in state_dict.items():
             params[name].copy_(value.to(params[name].dtype))

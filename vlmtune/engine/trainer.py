@@ -107,7 +107,7 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
                 loss_sum += out_sum.detach().double().cpu()
             state.step += 1
             state.samples_seen += n_samples
-            _account_skipped(state, skipped, n_skipped, cfg, logger)
+            _account_skipped(state, skipped, n_skipped, total_steps, cfg, logger)
             window["loss"] += float(all_reduce_sum(loss_sum))
             window["targets"] += n_targets
             window["tokens"] += n_tokens
@@ -160,17 +160,20 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _account_skipped(state: TrainState, skipped: list[dict], n_skipped: int, cfg: Config, logger) -> None:
+def _account_skipped(state: TrainState, skipped: list[dict], n_skipped: int, total_steps: int, cfg: Config, logger) -> None:
     """Log this rank's skipped samples; stop (on every rank alike: `n_skipped` is the global count) once the
-    skipped samples exceed the configured fraction of samples seen."""
+    skipped samples exceed `max_bad_sample_fraction` of the samples the whole run will see (extrapolated from
+    the steps so far), so a few bad images early in a long run do not end it, a broken dataset does."""
     for s in skipped:
         logger.warning(f"skipped sample {s['id']} (index {s['index']}): {s['kind']}: {s['detail']}")
         if len(state.skipped_log) < 100:
             state.skipped_log.append(s)
     state.skipped += n_skipped
-    limit = cfg.data.max_bad_sample_fraction
-    if state.skipped and state.skipped > limit * max(state.samples_seen, 1):
+    fraction = cfg.data.max_bad_sample_fraction
+    planned = state.samples_seen / max(state.step, 1) * total_steps
+    if state.skipped and state.skipped > fraction * planned:
         raise UserError(
-            f"{state.skipped} of {state.samples_seen} samples were skipped (budget max_bad_sample_fraction={limit}); "
+            f"{state.skipped} of {state.samples_seen} samples were skipped, over the budget of "
+            f"max_bad_sample_fraction={fraction} of the run's ~{int(planned)} samples; "
             f"run `vlmtune data check {cfg.data.data_path} --image-folder {cfg.data.image_folder}` and fix or filter the data"
         )

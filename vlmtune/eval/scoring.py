@@ -154,7 +154,8 @@ def plot_report(table: pd.DataFrame, title: str, path: Path) -> None:
         width = 0.8 / len(table)
         for k, (_, row) in enumerate(table.iterrows()):
             x = np.arange(len(names)) + k * width
-            ax.bar(x, [100 * row[n] for n in names], width, label=f"{row['eval']}/{row['split']}")
+            bars = ax.bar(x, [100 * row[n] for n in names], width, label=f"{row['eval']}/{row['split']}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)  # a 0.0 score stays visible
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=60 if names is l3 else 0,
                       ha="right" if names is l3 else "center", fontsize=8)
         ax.set_ylim(0, 100)
