@@ -117,17 +117,28 @@ def render_units(turns, template: Template, system: str, bos: list[int], eos: li
 def encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
     """`[tokenizer.encode(t, add_special_tokens=False) for t in texts]`, in one batched call.
 
-    A Rust (`tokenizers`) tokenizer is called through `encode_batch_fast` (no offsets) when its backend is
-    in the state `encode` puts it in (no truncation or padding, the same special-token splitting); any
-    other tokenizer, or state, through `tokenizer(texts)`.
+    A Rust (`tokenizers`) tokenizer whose class encodes the standard way is called through
+    `encode_batch_fast` (no offsets), provided its backend is in the state `encode` puts it in (no
+    truncation or padding, the same special-token splitting); any other tokenizer through `tokenizer(texts)`.
     """
     if not texts:
         return []
-    backend = tokenizer.backend_tokenizer if tokenizer.is_fast else None
-    if backend is not None and backend.truncation is None and backend.padding is None \
-            and backend.encode_special_tokens == tokenizer.split_special_tokens:
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    if _standard_fast(tokenizer):
+        backend = tokenizer.backend_tokenizer
+        if backend.truncation is None and backend.padding is None and backend.encode_special_tokens == tokenizer.split_special_tokens:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _standard_fast(tokenizer) -> bool:
+    """A `tokenizers`-backed tokenizer that overrides none of transformers' encoding steps (CodeLlama's,
+    for one, rewrites the text in Python first)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cls = type(tokenizer)
+    return (isinstance(tokenizer, TokenizersBackend) and cls._encode_plus is TokenizersBackend._encode_plus
+            and cls.encode is PreTrainedTokenizerBase.encode and cls.__call__ is PreTrainedTokenizerBase.__call__)
 
 
 def encode_text(text: str, tokenizer) -> list[int]:
