@@ -398,8 +398,19 @@ def test_missing_data_file_exits_2_with_one_line(tiny, tmp_path):
 
 
 def test_failing_ranks_fail_the_launch(tiny, tmp_path):
-    """NPROC_PER_NODE=2: each rank prints its one-line error and exits 2; torchrun fails, and so does our CLI."""
-    proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(max_step=2), **two_ranks())
+    """NPROC_PER_NODE=2: each rank meets the missing data file, prints its one-line error and exits 2;
+    torchrun fails, and so does our CLI."""
+    missing = tmp_path / "nowhere.json"
+    proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(data_path=str(missing)), **two_ranks())
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
-    assert len(errors) == 2 and all("unknown config key 'max_step' (did you mean 'max_steps'?)" in e for e in errors)
+    assert len(errors) == 2 and all(f"{missing}: data file not found" in e for e in errors)
+
+
+def test_a_bad_config_fails_once_before_launching(tiny, tmp_path):
+    """A config error is caught in the parent, before torchrun starts: one line, exit 2, no launcher traceback."""
+    proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(max_step=2), **two_ranks())
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
+    assert len(errors) == 1 and "unknown config key 'max_step' (did you mean 'max_steps'?)" in errors[0]
+    assert "torch.distributed.run" not in proc.stderr and "Traceback" not in proc.stderr
