@@ -98,14 +98,20 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {"image_preprocess": ("fast", "hf")}  # string keys with a fixed set of values
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path as given, or the shipped configs/<name>.py; a user error with close names otherwise."""
+def find_file(name_or_path: str, folder: Path, suffix: str) -> Path | None:
+    """`name_or_path` as a file, else the shipped `folder/<name><suffix>`, else None."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.py')}.py"
-    if shipped.is_file():
-        return shipped
+    shipped = folder / f"{name_or_path.removesuffix(suffix)}{suffix}"
+    return shipped if shipped.is_file() else None
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, or the shipped configs/<name>.py; a user error with close names otherwise."""
+    path = find_file(name_or_path, CONFIG_DIR, ".py")
+    if path is not None:
+        return path
     close = difflib.get_close_matches(name_or_path, list_configs(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `vlmtune list-cfg` lists the shipped ones"
     raise UserError(f"config {name_or_path!r} is neither a file nor a shipped config{hint}")

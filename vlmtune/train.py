@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlmtune.config import CONFIG_DIR, TrainConfig
+from vlmtune.config import CONFIG_DIR, TrainConfig, find_file
 from vlmtune.engine.launch import free_port
 from vlmtune.errors import UserError
 
@@ -73,12 +73,9 @@ def barrier() -> None:
 
 def resolve_deepspeed(name_or_path: str) -> Path:
     """A DeepSpeed JSON given by path or by shipped name (deepspeed_zero2, ...)."""
-    path = Path(name_or_path)
-    if path.is_file():
+    path = find_file(name_or_path, DEEPSPEED_DIR, ".json")
+    if path is not None:
         return path
-    shipped = DEEPSPEED_DIR / f"{name_or_path.removesuffix('.json')}.json"
-    if shipped.is_file():
-        return shipped
     names = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
     raise UserError(f"--deepspeed {name_or_path!r} is neither a JSON file nor one of: {names}")
 
