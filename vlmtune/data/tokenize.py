@@ -141,13 +141,6 @@ def _standard_fast(tokenizer) -> bool:
             and cls.encode is PreTrainedTokenizerBase.encode and cls.__call__ is PreTrainedTokenizerBase.__call__)
 
 
-def encode_text(text: str, tokenizer) -> list[int]:
-    """Ids of `text` with each `<image>` replaced by IMAGE_TOKEN_INDEX; no special tokens added."""
-    units = prompt_units(text)
-    encoded = iter(encode_texts([u for u, _ in units if isinstance(u, str)], tokenizer))
-    return [i for u, _ in units for i in (next(encoded) if isinstance(u, str) else [u])]
-
-
 def tokenize_conversations(conversations, tokenizer, template: Template, max_length: int, image_length: int) -> TokenizedBatch:
     """ids + labels of many `(turns, system)` conversations; each distinct text is encoded once."""
     bos, eos = special_ids(tokenizer)
