@@ -58,6 +58,21 @@ def test_wrong_type_names_key_and_type(tmp_path, line, key, expected):
     assert str(path) in str(e.value) and repr(key) in str(e.value) and expected in str(e.value)
 
 
+@pytest.mark.parametrize("line,key", [("attn_implementation = 'flash'", "attn_implementation"),
+                                      ("image_preprocess = 'torch'", "image_preprocess")])
+def test_fixed_choice_keys_name_the_allowed_values(tmp_path, line, key):
+    path = write(tmp_path, "bad.py", MINIMAL + line + "\n")
+    with pytest.raises(UserError, match=f"{key!r} should be one of"):
+        load_config(str(path))
+
+
+def test_choice_keys_accept_none_and_listed_values(tmp_path):
+    path = write(tmp_path, "ok.py", MINIMAL + "attn_implementation = 'eager'\nlazy_tokenize = None\n")
+    cfg = load_config(str(path))
+    assert (cfg.model.attn_implementation, cfg.data.lazy_tokenize) == ("eager", None)
+    assert load_config(str(write(tmp_path, "d.py", MINIMAL))).model.attn_implementation is None
+
+
 def test_lenient_conversions(tmp_path):
     path = write(tmp_path, "ok.py", MINIMAL + "lr = 1\nbetas = [0.9, 0.95]\nllm_lora = None\nmax_steps = None\n")
     cfg = load_config(str(path))

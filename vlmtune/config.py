@@ -35,6 +35,9 @@ class ModelConfig:
     torch_dtype: str = "auto"  # auto = bf16 where supported, else fp16 on GPU / fp32 on CPU
     trust_remote_code: bool = False
     use_gradient_checkpointing: bool = True
+    # the LLM's attention kernel (transformers' `attn_implementation`); None = transformers' default (sdpa).
+    # With pack_to_max_length, flash_attention_2/3 run varlen (only in-sample pairs), sdpa/eager a block mask.
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -51,6 +54,9 @@ class DataConfig:
     group_by_length: bool = True  # modality-aware length grouping, as LLaVA/XTuner
     pack_to_max_length: bool = False  # several whole samples per micro-batch, one sequence (data/sampler.py)
     max_packed_length: int | None = None  # tokens per packed micro-batch; default batch_size * max_length
+    # tokenize in the dataloader (LLaVA's LazySupervisedDataset) with estimated lengths for grouping, instead of
+    # all records up front into the cache; None = lazy unless pack_to_max_length (packing needs exact lengths)
+    lazy_tokenize: bool | None = None
     max_bad_sample_fraction: float = 0.001  # stop the run when more samples than this are skipped
     allowed_image_roots: list[str] = field(default_factory=list)
     cache_dir: str | None = None  # tokenization cache; default <work_dir>/../.cache/vlmtune
@@ -95,7 +101,10 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-CHOICES = {"image_preprocess": ("fast", "hf")}  # string keys with a fixed set of values
+CHOICES = {  # string keys with a fixed set of values
+    "image_preprocess": ("fast", "hf"),
+    "attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
+}
 
 
 def find_file(name_or_path: str, folder: Path, suffix: str) -> Path | None:
@@ -187,7 +196,7 @@ def _validate(values: dict, path: Path) -> dict:
         for f in dataclasses.fields(cls):
             if f.name in values:
                 kwargs[f.name] = _check_type(values[f.name], hints[f.name], f.name, path)
-                if f.name in CHOICES and kwargs[f.name] not in CHOICES[f.name]:
+                if f.name in CHOICES and kwargs[f.name] is not None and kwargs[f.name] not in CHOICES[f.name]:
                     raise UserError(f"{path}: config key {f.name!r} should be one of {', '.join(CHOICES[f.name])}, got {kwargs[f.name]!r}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{path}: required config key {f.name!r} is missing")

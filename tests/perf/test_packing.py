@@ -63,14 +63,14 @@ def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_loss_and_gradients_equal_unpacked(model, samples, tiny_tokenizer, attention):
-    model.llm.set_attn_implementation(attention)
-    try:
-        unpacked = loss_and_grads(model, collate(samples, tiny_tokenizer.pad_token_id))
-        packed_batch = collate_packed(samples, tiny_tokenizer.pad_token_id)
-        packed = loss_and_grads(model, packed_batch)
-    finally:
-        model.llm.set_attn_implementation("sdpa")
+def test_packed_loss_and_gradients_equal_unpacked(tiny_model_config, samples, tiny_tokenizer, attention):
+    torch.manual_seed(0)  # the model is built through the config key, as `vlmtune train` builds it
+    cfg = tiny_model_config(freeze_llm=False, freeze_visual_encoder=False, attn_implementation=attention)
+    model = build_model(cfg, for_training=False).train()
+    assert model.llm.config._attn_implementation == attention
+    unpacked = loss_and_grads(model, collate(samples, tiny_tokenizer.pad_token_id))
+    packed_batch = collate_packed(samples, tiny_tokenizer.pad_token_id)
+    packed = loss_and_grads(model, packed_batch)
     assert packed_batch["input_ids"].shape[0] == 1 and len(packed_batch["pixel_values"]) == 3
     assert packed[1] == unpacked[1] > 20  # same targets: the boundary label of sample 3 is not one
     torch.testing.assert_close(packed[0], unpacked[0], rtol=1e-5, atol=1e-4)

@@ -45,6 +45,8 @@ def load_image_processor(path: str) -> CLIPImageProcessor:
 def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
     """AutoModelForCausalLM, 4/8-bit through bitsandbytes when `quantization` is set."""
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
         if cfg.quantization not in ("4bit", "8bit"):
             raise UserError(f"quantization {cfg.quantization!r} must be '4bit', '8bit' or None")
@@ -96,6 +98,6 @@ def _from_pretrained(cls, path: str, **kwargs):
     """`cls.from_pretrained` with a one-line error for a missing folder or hub id."""
     try:
         return cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a missing optional kernel (flash-attn)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {cls.__name__} from {path!r}: {first}") from None
