@@ -24,8 +24,8 @@ from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
 from vlmtune.config import ModelConfig
 from vlmtune.convert.pth_to_hf import save_projector
-from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, find_resumable, gather_predictions, generation_args,
-                                  run_mmbench)
+from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, batch_order, find_resumable, gather_predictions,
+                                  generation_args, run_mmbench)
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
 from vlmtune.eval.results import read_predictions, write_args
@@ -116,6 +116,37 @@ def test_batched_equals_one_at_a_time(generator, mixed_tsv, one_at_a_time, tmp_p
         run_dir.mkdir()
         run_mmbench(generator, data, run_dir, batch_size=batch_size, max_new_tokens=MAX_NEW)
         assert gather_predictions(run_dir) == reference, f"batch size {batch_size}"
+
+
+def test_rotations_are_batched_together_longest_first(generator, mixed_tsv):
+    questions = load_mmbench(mixed_tsv).questions
+    prompts = {q.index: generator.prompt_ids([(build_prompt(q), None)]) for q in questions}
+    order = batch_order(questions, prompts)
+    mains = [q.index % 1_000_000 for q in order]
+    assert sorted(order, key=lambda q: q.index) == sorted(questions, key=lambda q: q.index)
+    assert [mains[k] for k in range(0, 12, 4)] == [mains[k + 3] for k in range(0, 12, 4)]  # runs of 4 rotations
+    longest = [max(len(prompts[q.index]) for q in order[k : k + 4]) for k in range(0, 12, 4)]
+    assert longest == sorted(longest, reverse=True) and longest[0] == max(len(p) for p in prompts.values())
+
+
+def test_shared_prefix_batches_equal_batch_size_one_with_one_encoding_per_image(generator, mixed_tsv, tmp_path):
+    """Batch size 8 holds two questions' 4 rotations: each image goes through CLIP once (Generator.generate_shared),
+    not once per row, and the predictions are those of batch size 1, the plain one-row path."""
+    data = load_mmbench(mixed_tsv)
+    encoded: list[int] = []  # images per pass through CLIP
+    hook = generator.model.visual_encoder.register_forward_pre_hook(lambda m, args: encoded.append(len(args[0])))
+    runs = {}
+    try:
+        for batch_size in (1, 8):
+            encoded.clear()
+            run_dir = tmp_path / f"bs{batch_size}"
+            run_dir.mkdir()
+            run_mmbench(generator, data, run_dir, batch_size=batch_size, max_new_tokens=MAX_NEW)
+            runs[batch_size] = gather_predictions(run_dir), list(encoded)
+    finally:
+        hook.remove()
+    assert runs[8][0] == runs[1][0] and len(runs[1][0]) == 12
+    assert runs[1][1] == [1] * 12 and runs[8][1] == [2, 1]  # 3 questions, 4 rotations each
 
 
 def test_rerun_in_same_folder_generates_only_missing_rows(generator, mixed_tsv, one_at_a_time, tmp_path, capsys):

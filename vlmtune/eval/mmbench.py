@@ -9,6 +9,10 @@ tokenization path of training; the image is padded to square as the model was tr
 finetunes pad) unless --[no-]pad-image-to-square says otherwise. With `--predictions FILE` nothing is
 generated: the file is re-scored.
 
+Batches keep a question's circular rotations together: they differ only in the options, after the image, hint
+and question, so the image is encoded and that prompt prefix prefilled once for all of them
+(`Generator.generate_shared`). Greedy answers match one row at a time (the logits agree to float rounding).
+
 Resuming: every finished prediction is flushed to a JSONL log in the run folder at once. Re-running the same
 command continues the newest unfinished run in --work-dir whose generation arguments match (batch size,
 device and matcher may change), so only the missing rows are generated.
@@ -99,22 +103,52 @@ def run_mmbench(generator, data: MMBenchData, run_dir: Path, batch_size: int = 8
 
 def predict(generator, questions: list[Question], store: PredictionStore, batch_size: int,
             max_new_tokens: int, progress: bool = True) -> None:
-    """Greedy answers for `questions`, `batch_size` at a time (left-padded), each logged as soon as it exists.
+    """Greedy answers for `questions`, `batch_size` at a time, each logged as soon as it exists.
 
-    Rows are sorted by prompt length, longest first: a batch then holds similar lengths (little padding), and
-    a batch too large for memory fails at once rather than at the end. Results stay keyed by row index.
+    Rows sharing an image (a question's circular rotations) sit next to each other (`batch_order`), and the rows
+    of a batch that share one go through `Generator.generate_shared`: the image is decoded, preprocessed and
+    encoded, and their common prompt prefix prefilled, once for all of them. Groups run longest first: the first
+    batch holds the longest rows, so its KV cache (rows x length, the bulk of the memory; prefixes are prefilled
+    one group at a time) is about the largest, and a batch too large for memory fails at once rather than at the
+    end. Results stay keyed by row index.
     """
     prompts = {q.index: generator.prompt_ids([(build_prompt(q), None)]) for q in questions}
-    order = sorted(questions, key=lambda q: -len(prompts[q.index]))  # stable: ties keep file order
+    order = batch_order(questions, prompts)
     with tqdm(total=len(order), desc="mmbench", unit="row", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            images = [[decode_image(q)] for q in batch]  # decoded per batch: a full file would not fit
-            out = generator.generate_ids([prompts[q.index] for q in batch], images,
-                                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            for q, ids in zip(batch, out):
-                store.add(q.index, generator.decode(ids))
+            groups = image_groups(batch)
+            out = generator.generate_shared(
+                [([decode_image(g[0])], [prompts[q.index] for q in g]) for g in groups],  # decoded per batch
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            for group, answers in zip(groups, out):
+                for q, ids in zip(group, answers):
+                    store.add(q.index, generator.decode(ids))
             bar.update(len(batch))
+
+
+def batch_order(questions: list[Question], prompts: dict[int, list[int]]) -> list[Question]:
+    """Rows sharing an image next to each other, longest first within; groups by their longest row, longest first.
+
+    Ties keep file order (stable sorts), so without shared images this is the plain longest-first order.
+    """
+    groups: dict[str, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.image, []).append(q)  # circular copies hold their main row's image string
+    length = {q.index: len(prompts[q.index]) for q in questions}
+    ranked = sorted(groups.values(), key=lambda g: -max(length[q.index] for q in g))
+    return [q for g in ranked for q in sorted(g, key=lambda q: -length[q.index])]
+
+
+def image_groups(batch: list[Question]) -> list[list[Question]]:
+    """The batch cut into runs of consecutive rows with the same image."""
+    groups: list[list[Question]] = []
+    for q in batch:
+        if groups and groups[-1][0].image == q.image:
+            groups[-1].append(q)
+        else:
+            groups.append([q])
+    return groups
 
 
 def gather_predictions(run_dir: Path) -> dict[int, str]:
