@@ -6,7 +6,7 @@ Builds the tiny models and a circular dev TSV of real JPEGs (4 rotations per que
 then answers it with batch size 1 and with --batch-size over the same rows in this process (interleaved,
 --repeats times each; the fastest run of each mode counts). A run is run_mmbench's two stages in one process:
 `predict` (generation: every row answered and logged), then `finish_run` (scoring, result sheet, report, chart:
-a fixed cost of ~0.2 s per run that batching does not touch); both are timed. It checks every run gives
+a fixed cost of 0.1 to 0.2 s per run that batching does not touch); both are timed. It checks every run gives
 identical predictions and prints rows/s (wall) and rows per CPU-second (steadier on a shared machine) with the
 ratios. Exits 1 if the predictions differ.
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import transformers
 from PIL import Image
 from skimage import data as skdata
 
@@ -100,6 +101,11 @@ def report(times: dict[int, list[dict]], rows: int, batch_size: int) -> None:
               f"{best[1][1] / best[batch_size][1]:.2f}x CPU time")
 
 
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: the machine may be shared, and wall times stretch with its load."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=16, help="questions (x4 rotations = rows)")
@@ -112,7 +118,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}; load average {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tiny = make_tiny(root / "tiny")
@@ -137,6 +144,7 @@ def main() -> int:
     report(times, len(data.questions), args.batch_size)
     same = all(p == outputs[0] for p in outputs)
     print("predictions identical:", same)
+    print("load average after:", load_average())
     return 0 if same else 1
 
 
