@@ -24,8 +24,8 @@ from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
 from vlmtune.config import ModelConfig
 from vlmtune.convert.pth_to_hf import save_projector
-from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, batch_order, find_resumable, gather_predictions,
-                                  generation_args, run_mmbench)
+from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, batches, find_resumable, gather_predictions,
+                                  generation_args, image_groups, run_mmbench)
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
 from vlmtune.eval.results import read_predictions, write_args
@@ -111,22 +111,28 @@ def test_dev_run_writes_sheet_and_scores_of_what_was_generated(generator, mixed_
 def test_batched_equals_one_at_a_time(generator, mixed_tsv, one_at_a_time, tmp_path):
     data = load_mmbench(mixed_tsv)
     reference = one_at_a_time
-    for batch_size in (5, 12):  # 5: a short last batch; 12: every length in one left-padded batch
+    for batch_size in (3, 5, 12):  # 3: each question split over two batches; 5: one question per batch; 12: all in one
         run_dir = tmp_path / f"bs{batch_size}"
         run_dir.mkdir()
         run_mmbench(generator, data, run_dir, batch_size=batch_size, max_new_tokens=MAX_NEW)
         assert gather_predictions(run_dir) == reference, f"batch size {batch_size}"
 
 
-def test_rotations_are_batched_together_longest_first(generator, mixed_tsv):
+def test_rotations_are_grouped_longest_first_and_batched_whole(generator, mixed_tsv):
     questions = load_mmbench(mixed_tsv).questions
     prompts = {q.index: generator.prompt_ids([(build_prompt(q), None)]) for q in questions}
-    order = batch_order(questions, prompts)
-    mains = [q.index % 1_000_000 for q in order]
-    assert sorted(order, key=lambda q: q.index) == sorted(questions, key=lambda q: q.index)
-    assert [mains[k] for k in range(0, 12, 4)] == [mains[k + 3] for k in range(0, 12, 4)]  # runs of 4 rotations
-    longest = [max(len(prompts[q.index]) for q in order[k : k + 4]) for k in range(0, 12, 4)]
+    groups = image_groups(questions, prompts)
+    assert [len({q.index % 1_000_000 for q in g}) for g in groups] == [1, 1, 1]  # a question's 4 rotations
+    assert sorted(q.index for g in groups for q in g) == sorted(q.index for q in questions)
+    longest = [max(len(prompts[q.index]) for q in g) for g in groups]
     assert longest == sorted(longest, reverse=True) and longest[0] == max(len(p) for p in prompts.values())
+
+    def sizes(batch_size: int) -> list[list[int]]:
+        return [[len(g) for g in b] for b in batches([[0] * 4, [0] * 3, [0] * 4, [0] * 2], batch_size)]
+
+    assert sizes(8) == [[4, 3], [4, 2]]  # whole groups, never more than 8 rows
+    assert sizes(3) == [[3], [1], [3], [3], [1, 2]]  # split only where a group alone is larger
+    assert sizes(1) == [[1]] * 13
 
 
 def test_shared_prefix_batches_equal_batch_size_one_with_one_encoding_per_image(generator, mixed_tsv, tmp_path):

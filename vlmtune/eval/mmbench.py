@@ -10,7 +10,7 @@ finetunes pad) unless --[no-]pad-image-to-square says otherwise. With `--predict
 generated: the file is re-scored.
 
 Batches keep a question's circular rotations together: they differ only in the options, after the image, hint
-and question, so the image is encoded and that prompt prefix prefilled once for all of them
+and question, so the image is encoded and that prompt prefix prefilled once for all of them in a batch
 (`Generator.generate_shared`). Greedy answers match one row at a time (the logits agree to float rounding).
 
 Resuming: every finished prediction is flushed to a JSONL log in the run folder at once. Re-running the same
@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -103,32 +104,29 @@ def run_mmbench(generator, data: MMBenchData, run_dir: Path, batch_size: int = 8
 
 def predict(generator, questions: list[Question], store: PredictionStore, batch_size: int,
             max_new_tokens: int, progress: bool = True) -> None:
-    """Greedy answers for `questions`, `batch_size` at a time, each logged as soon as it exists.
+    """Greedy answers for `questions`, at most `batch_size` at a time, each logged as soon as it exists.
 
-    Rows sharing an image (a question's circular rotations) sit next to each other (`batch_order`), and the rows
-    of a batch that share one go through `Generator.generate_shared`: the image is decoded, preprocessed and
-    encoded, and their common prompt prefix prefilled, once for all of them. Groups run longest first: the first
-    batch holds the longest rows, so its KV cache (rows x length, the bulk of the memory; prefixes are prefilled
-    one group at a time) is about the largest, and a batch too large for memory fails at once rather than at the
-    end. Results stay keyed by row index.
+    Rows sharing an image (a question's circular rotations) form a group (`image_groups`), and groups are packed
+    whole into batches (`batches`). A batch goes through `Generator.generate_shared`: each group's image is
+    decoded, preprocessed and encoded, and its rows' common prompt prefix prefilled, once. Groups run longest
+    first: the first batch holds the longest rows, so its KV cache (rows x length, the bulk of the memory;
+    prefixes are prefilled one group at a time) is about the largest, and a batch too large for memory fails at
+    once rather than at the end. Results stay keyed by row index.
     """
     prompts = {q.index: generator.prompt_ids([(build_prompt(q), None)]) for q in questions}
-    order = batch_order(questions, prompts)
-    with tqdm(total=len(order), desc="mmbench", unit="row", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            groups = image_groups(batch)
+    with tqdm(total=len(questions), desc="mmbench", unit="row", disable=not progress) as bar:
+        for batch in batches(image_groups(questions, prompts), batch_size):
             out = generator.generate_shared(
-                [([decode_image(g[0])], [prompts[q.index] for q in g]) for g in groups],  # decoded per batch
+                [([decode_image(g[0])], [prompts[q.index] for q in g]) for g in batch],  # decoded per batch
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            for group, answers in zip(groups, out):
+            for group, answers in zip(batch, out):
                 for q, ids in zip(group, answers):
                     store.add(q.index, generator.decode(ids))
-            bar.update(len(batch))
+            bar.update(sum(len(g) for g in batch))
 
 
-def batch_order(questions: list[Question], prompts: dict[int, list[int]]) -> list[Question]:
-    """Rows sharing an image next to each other, longest first within; groups by their longest row, longest first.
+def image_groups(questions: list[Question], prompts: dict[int, list[int]]) -> list[list[Question]]:
+    """Rows grouped by image, longest prompt first within a group; groups by their longest row, longest first.
 
     Ties keep file order (stable sorts), so without shared images this is the plain longest-first order.
     """
@@ -137,18 +135,23 @@ def batch_order(questions: list[Question], prompts: dict[int, list[int]]) -> lis
         groups.setdefault(q.image, []).append(q)  # circular copies hold their main row's image string
     length = {q.index: len(prompts[q.index]) for q in questions}
     ranked = sorted(groups.values(), key=lambda g: -max(length[q.index] for q in g))
-    return [q for g in ranked for q in sorted(g, key=lambda q: -length[q.index])]
+    return [sorted(g, key=lambda q: -length[q.index]) for g in ranked]
 
 
-def image_groups(batch: list[Question]) -> list[list[Question]]:
-    """The batch cut into runs of consecutive rows with the same image."""
-    groups: list[list[Question]] = []
-    for q in batch:
-        if groups and groups[-1][0].image == q.image:
-            groups[-1].append(q)
-        else:
-            groups.append([q])
-    return groups
+def batches(groups: list[list], batch_size: int) -> Iterator[list[list]]:
+    """Consecutive groups packed into batches of at most `batch_size` rows. A group is split only when it alone is
+    larger: a split group would have its image encoded and its prefix prefilled once per batch it lands in."""
+    batch, rows = [], 0
+    for group in groups:
+        for start in range(0, len(group), batch_size):
+            part = group[start : start + batch_size]
+            if rows + len(part) > batch_size:
+                yield batch
+                batch, rows = [], 0
+            batch.append(part)
+            rows += len(part)
+    if batch:
+        yield batch
 
 
 def gather_predictions(run_dir: Path) -> dict[int, str]:
