@@ -73,6 +73,12 @@ def test_choice_keys_accept_none_and_listed_values(tmp_path):
     assert load_config(str(write(tmp_path, "d.py", MINIMAL))).model.attn_implementation is None
 
 
+def test_lazy_tokenize_with_packing_is_refused_at_load(tmp_path):
+    path = write(tmp_path, "pack.py", MINIMAL + "pack_to_max_length = True\nlazy_tokenize = True\n")
+    with pytest.raises(UserError, match="pack_to_max_length needs exact lengths.*remove lazy_tokenize=True"):
+        load_config(str(path))
+
+
 def test_lenient_conversions(tmp_path):
     path = write(tmp_path, "ok.py", MINIMAL + "lr = 1\nbetas = [0.9, 0.95]\nllm_lora = None\nmax_steps = None\n")
     cfg = load_config(str(path))

@@ -201,6 +201,9 @@ def _validate(values: dict, path: Path) -> dict:
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{path}: required config key {f.name!r} is missing")
         out[section] = cls(**kwargs)
+    if out["data"].lazy_tokenize and out["data"].pack_to_max_length:
+        raise UserError(f"{path}: pack_to_max_length needs exact lengths, so records are tokenized up front; "
+                        f"remove lazy_tokenize=True (or set it False)")
     return out
 
 

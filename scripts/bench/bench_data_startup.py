@@ -1,7 +1,7 @@
 """Data startup on a synthetic mix665k: `train`'s data steps to the first batch order, cold and warm, and memory.
 
     python scripts/bench/bench_data_startup.py [--data /tmp/vlmtune_bench/mix665k.json] [--ranks 2]
-        [--num-workers 2] [--baseline-records 20000]
+        [--num-workers 2] [--baseline-records 20000] [--tables lazy tokens]
 
 Writes the synthetic mix (scripts/bench/make_synthetic_mix.py) if `--data` does not exist, and the real 32k
 Llama tokenizer (the SentencePiece model shipped in mistral-common, as a fast tokenizer.json). Then, each in
@@ -12,6 +12,9 @@ fresh processes:
   (batch 16 per rank, length-grouped), first batch order - timed from the tokenizer load to the order. One
   rank builds the cache (all cores); the others wait on its lock;
 - warm: the same with the cache present;
+- for each table of `--tables`: `lazy` (the default of `vlmtune train` without packing: texts + estimated
+  lengths, tokenized by the dataloader) and `tokens` (every record tokenized up front: what packing uses);
+- the dataloader: `--num-workers` workers load 3 batches of real JPEGs (and, lazily, tokenize them): timed;
 - memory: RssAnon (anonymous resident memory, /proc/<pid>/status) of each rank before and after the
   dataset, and of each of its `--num-workers` dataloader workers after they loaded 4 batches (JPEGs are
   written for exactly those samples);
@@ -81,7 +84,7 @@ def rank_main(args) -> None:
 
     imports = time.perf_counter() - t
     cfg = DataConfig(data_path=args.data, image_folder=args.image_folder, prompt_template="vicuna", max_length=2048,
-                     pad_image_to_square=True, cache_dir=args.cache)
+                     pad_image_to_square=True, cache_dir=args.cache, lazy_tokenize=args.table == "lazy")
     preprocess = ImagePreprocessor(make_clip()[1], cfg.pad_image_to_square)  # the CLIP processor, not timed
     before = rss()
     start = time.perf_counter()
@@ -97,15 +100,18 @@ def rank_main(args) -> None:
     link_images(dataset, loaded, Path(args.image_folder))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=loaded, num_workers=args.num_workers,
                                          collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id))
+    t = time.perf_counter()
     fetched = iter(loader)
     tokens = sum(int(next(fetched)["attention_mask"].sum()) for _ in range(LOADED_BATCHES - 1))
+    fetch_s = time.perf_counter() - t
     workers = [rss(pid) for pid in child_pids()]
     del fetched
     print(json.dumps({
         "rank": args.rank, "imports_s": imports, "order_s": order_s, "cpu_s": sum(r.ru_utime + r.ru_stime for r in cpu),
         "rss_before": before, "rss_after": after, "workers": workers, "report": report.summary(),
         "records": len(dataset), "mean_length": float(abs(dataset.modality_lengths).mean()), "batch_tokens": tokens,
-        "stored_ids": pc.sum(pc.list_value_length(dataset.table.data.column("input_ids"))).as_py(),
+        "fetch_s": fetch_s, "stored_ids": pc.sum(pc.list_value_length(dataset.table.data.column("input_ids"))).as_py()
+        if "input_ids" in dataset.table.column_names else 0,
     }))
 
 
@@ -224,12 +230,38 @@ def report(name: str, ranks: list[dict]) -> None:
               f"(dataset +{r['rss_after']['RssAnon'] - r['rss_before']['RssAnon']:.0f}); workers MiB: {workers}")
 
 
+def summarize(table: str, cold: list[dict], warm: list[dict], base: dict) -> None:
+    """Every figure of one table kind, with its ratios to the baseline."""
+    print(f"\n== {table} table: {cold[0]['report']}; mean sequence {cold[0]['mean_length']:.0f} tokens (images "
+          f"expanded{', estimated' if table == 'lazy' else ''}); {cold[0]['stored_ids'] / 1e6:.0f}M ids stored")
+    report("cold", cold)
+    report("warm", warm)
+    cold_s, warm_s = max(r["order_s"] for r in cold), max(r["order_s"] for r in warm)
+    cores = len(os.sched_getaffinity(0))
+    print(f"cold {cold_s:.1f} s (target <= 60): {base['total_s'] / cold_s:.1f}x faster than the baseline "
+          f"({base['per_unit_total_s'] / cold_s:.1f}x than per-unit encode); "
+          f"{max(r['cpu_s'] for r in cold):.0f} CPU-s (the baseline: {base['total_cpu_s']:.0f}) on {cores} cores")
+    if cold[0]["stored_ids"]:
+        floor = cold[0]["stored_ids"] * base["tokenizer_s_per_id"]
+        print(f"the tokenizer alone: {base['tokenizer_s_per_id'] * 1e6:.2f} us per id per core -> {floor:.0f} CPU-s for "
+              f"the {cold[0]['stored_ids'] / 1e6:.0f}M ids, a floor of {floor / cores:.0f} s on {cores} cores")
+    print(f"warm {warm_s:.2f} s (target <= 5): {base['total_s'] / warm_s:.0f}x faster than the baseline")
+    fetch = max(r["fetch_s"] for r in warm)
+    print(f"dataloader, warm: {LOADED_BATCHES - 1} batches of {BATCH} ({BATCH * (LOADED_BATCHES - 1)} samples with their "
+          f"JPEGs{', tokenized in the workers' if table == 'lazy' else ''}) in {fetch:.2f} s incl. starting the workers")
+    worst = max(r["rss_after"]["RssAnon"] for r in cold + warm)
+    print(f"max rank RssAnon {worst:.0f} MiB (target <= 1024); baseline after json.load alone "
+          f"{base['rss_after_load']['RssAnon']:.0f} MiB ({base['rss_after_load']['RssAnon'] / worst:.1f}x)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/tmp/vlmtune_bench/mix665k.json")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--baseline-records", type=int, default=20000)
+    ap.add_argument("--tables", nargs="+", choices=["lazy", "tokens"], default=["lazy", "tokens"])
+    ap.add_argument("--table", choices=["lazy", "tokens"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["main", "rank", "baseline"], default="main", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     for hidden in ("--tokenizer", "--image-folder", "--cache"):
@@ -241,36 +273,22 @@ def main(argv=None) -> int:
         return baseline_main(args) or 0
     print("command: python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]))
     print("machine: " + machine())
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         extra = prepare(args, Path(tmp))
         print(f"data: {args.data} ({Path(args.data).stat().st_size / 2**20:,.0f} MiB); {load()}")
-        cold = run("rank", args, extra, args.ranks)
-        print(f"cold done; {load()}")
-        warm = run("rank", args, extra, args.ranks)
-        print(f"warm done; {load()}")
+        for table in args.tables:
+            results[table] = [run("rank", args, [*extra, "--table", table], args.ranks) for _ in ("cold", "warm")]
+            print(f"{table} table: cold and warm done; {load()}")
         base = run("baseline", args, [*extra, "--baseline-records", str(args.baseline_records)])[0]
         print(f"baseline done; {load()}")
-    print(f"\nrecords: {cold[0]['report']}; mean sequence {cold[0]['mean_length']:.0f} tokens (images expanded); "
-          f"{cold[0]['stored_ids'] / 1e6:.0f}M ids stored")
-    report("cold", cold)
-    report("warm", warm)
-    cold_s, warm_s = max(r["order_s"] for r in cold), max(r["order_s"] for r in warm)
-    cores = len(os.sched_getaffinity(0))
     print(f"baseline (json.load, then record by record; {base['measured']:,} of {base['records']:,} records timed): "
           f"json.load {base['load_s']:.1f} s, RssAnon {base['rss_after_load']['RssAnon']:.0f} MiB after it; "
           f"tokenize_conversation {base['per_record_s'] * 1e3:.2f} ms/record -> {base['total_s']:.0f} s for the file; "
           f"one tokenizer.encode per unit (XTuner's encode_fn) {base['per_unit_s'] * 1e3:.2f} ms/record -> "
           f"{base['per_unit_total_s']:.0f} s")
-    print(f"\ncold {cold_s:.1f} s (target <= 60): {base['total_s'] / cold_s:.1f}x faster than the baseline "
-          f"({base['per_unit_total_s'] / cold_s:.1f}x than per-unit encode); {cold[0]['stored_ids'] / cold_s / 1e6:.2f}M ids/s, "
-          f"{max(r['cpu_s'] for r in cold):.0f} CPU-s (the baseline: {base['total_cpu_s']:.0f}) on {cores} cores")
-    floor = cold[0]["stored_ids"] * base["tokenizer_s_per_id"]
-    print(f"the tokenizer alone: {base['tokenizer_s_per_id'] * 1e6:.2f} us per id per core -> {floor:.0f} CPU-s for the "
-          f"{cold[0]['stored_ids'] / 1e6:.0f}M ids, a floor of {floor / cores:.0f} s on {cores} cores")
-    print(f"warm {warm_s:.2f} s (target <= 5): {base['total_s'] / warm_s:.0f}x faster than the baseline")
-    worst = max(r["rss_after"]["RssAnon"] for r in cold + warm)
-    print(f"max rank RssAnon {worst:.0f} MiB (target <= 1024); baseline after json.load alone "
-          f"{base['rss_after_load']['RssAnon']:.0f} MiB ({base['rss_after_load']['RssAnon'] / worst:.1f}x)")
+    for table, (cold, warm) in results.items():
+        summarize(table, cold, warm, base)
     print(load())
     return 0
 

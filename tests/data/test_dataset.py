@@ -1,4 +1,8 @@
-"""The training dataset: a small LLaVA JSON with good and bad records -> DataReport, rows, samples, cache."""
+"""The training dataset: a small LLaVA JSON with good and bad records -> DataReport, rows, samples, cache.
+
+Most tests read the token table (`lazy_tokenize=False`: ids and labels stored); the last ones check that
+lazy tokenization (the text table, tokenized in `__getitem__`) gives every sample exactly the same tensors.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vlmtune.config import DataConfig
 from vlmtune.constants import IMAGE_TOKEN_INDEX
@@ -49,7 +54,8 @@ def setup(tiny, tiny_tokenizer, tmp_path):
     """(DataConfig, tokenizer, preprocessor, cache dir) for RECORDS over the tiny example images."""
     data = tmp_path / "data.json"
     data.write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
-    cfg = DataConfig(data_path=str(data), image_folder=str(tiny.data), prompt_template="internlm2_chat", max_length=1024)
+    cfg = DataConfig(data_path=str(data), image_folder=str(tiny.data), prompt_template="internlm2_chat", max_length=1024,
+                     lazy_tokenize=False)
     preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
     return cfg, tiny_tokenizer, preprocess, tmp_path / "cache"
 
@@ -139,3 +145,50 @@ def test_missing_data_file_is_a_user_error(setup):
 
     with pytest.raises(UserError, match=r"nowhere\.json: data file not found"):
         build(setup, data_path=str(setup[3] / "nowhere.json"))
+
+
+def test_default_is_lazy_unless_packing(setup):
+    from vlmtune.data.dataset import tokenizes_lazily
+
+    cfg = dataclasses.replace(setup[0], lazy_tokenize=None)
+    assert tokenizes_lazily(cfg) and not tokenizes_lazily(dataclasses.replace(cfg, pack_to_max_length=True))
+    assert not tokenizes_lazily(dataclasses.replace(cfg, lazy_tokenize=False))
+
+
+def test_lazy_report_keeps_what_only_tokenizing_can_reject(setup):
+    dataset, report = build(setup, lazy_tokenize=True)
+    lazy_kept = KEPT[:4] + ["long"] + KEPT[4:]  # no_trainable_tokens is found when "long" is loaded
+    assert (report.total, report.kept, report.lazy) == (len(RECORDS), len(lazy_kept), True)
+    assert report.dropped == {k: v for k, v in DROPPED.items() if k != "no_trainable_tokens"}
+    assert list(dataset.table["id"]) == lazy_kept
+    assert "8/13 records kept, tokenized in the dataloader" in report.summary()
+    got = dataset[lazy_kept.index("long")]  # long (nothing to train on), gone, escape: skipped to trunc
+    assert got["id"] == "trunc"
+    assert [(s["id"], s["kind"]) for s in got["skipped"]] == [
+        ("long", "no_trainable_tokens"), ("gone", "image_missing"), ("escape", "image_path_escapes")]
+    assert "max_length=1024" in got["skipped"][0]["detail"]
+
+
+def test_lazy_samples_equal_the_token_table_samples(setup):
+    eager, _ = build(setup)
+    lazy, _ = build(setup, lazy_tokenize=True)
+    by_id = {lazy.table[i]["id"]: i for i in range(len(lazy))}
+    for i in range(len(eager)):
+        want, got = eager[i], lazy[by_id[eager.table[i]["id"]]]
+        assert got["id"] == want["id"] and [s["id"] for s in got["skipped"]][-2:] == [s["id"] for s in want["skipped"]]
+        assert got["input_ids"].dtype == want["input_ids"].dtype == got["labels"].dtype
+        assert got["input_ids"].tolist() == want["input_ids"].tolist() and got["labels"].tolist() == want["labels"].tolist()
+        assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert len(cache_entries(setup[3])) == 2  # the two tables are cached apart
+
+
+def test_lazy_lengths_are_estimates_exact_in_images_and_capped(setup):
+    eager, _ = build(setup)
+    lazy, _ = build(setup, lazy_tokenize=True)
+    ids = list(lazy.table["id"])
+    exact = dict(zip(eager.table["id"], eager.modality_lengths.tolist()))
+    estimate = dict(zip(ids, lazy.modality_lengths.tolist()))
+    assert estimate["trunc"] == exact["trunc"] == 1024 and estimate["long"] == -1024  # capped at max_length
+    for key in ("img", "txt", "multi", "uni"):  # the sign (image or not) is exact, the text part close
+        assert np.sign(estimate[key]) == np.sign(exact[key])
+        assert abs(estimate[key] - exact[key]) <= 0.35 * (abs(exact[key]) - 576 * (key != "txt")) + 2

@@ -6,8 +6,11 @@
   located error.
 - `build_table` over a synthetic mix (several chunks, forked workers) must hold, row for row, what
   `tokenize_conversation` gives each record (the golden-tested masking rule), with the same drops.
+- The text table (lazy tokenization) gives, through the dataset's RowTokenizer, every sample the same
+  tokens, and estimated lengths close to the exact ones.
 - The cache is reused when nothing changed and rebuilt when the template, max_length, system text or the
-  data file change; a second rank waits on the build lock (no timeout) and then reads the same table.
+  data file change (both tables); a second rank waits on the build lock (no timeout) and then reads the
+  same table.
 """
 from __future__ import annotations
 
@@ -79,10 +82,11 @@ def test_jsonl_chunks_skip_blank_lines(tmp_path):
     "", "[]", "[ ]", '[{"a": 1},]', '[{"a": 1} {"b": 2}]', '[{"a": 1}, {"b": 2}', '{"a": 1}', '[{"a": 1}] x',
     '[{"a": "unterminated}]', "[1, 2]]", "[,]",
 ])
-def test_malformed_lists_raise_what_the_streaming_reader_raises(tmp_path, tiny_tokenizer, text):
+@pytest.mark.parametrize("lazy", [True, False])
+def test_malformed_lists_raise_what_the_streaming_reader_raises(tmp_path, tiny_tokenizer, text, lazy):
     path = tmp_path / "d.json"
     path.write_text(text)
-    cfg = DataConfig(data_path=str(path), image_folder="", prompt_template="vicuna")
+    cfg = DataConfig(data_path=str(path), image_folder="", prompt_template="vicuna", lazy_tokenize=lazy)
     try:
         expected = list(read_records(path))
     except (JSONSyntaxError, UserError) as e:
@@ -103,7 +107,7 @@ def mix(tmp_path_factory):
 def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, monkeypatch, request, tokenizer, template):
     monkeypatch.setattr(llava_json, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
     tok = request.getfixturevalue(f"{tokenizer}_tokenizer")
-    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900)
+    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900, lazy_tokenize=False)
     table, report = build_table(cfg, tok, 576, tmp_path)
     rows = table.with_format("numpy", columns=["input_ids", "labels"], output_all_columns=True)
     kept, dropped = [], 0
@@ -121,6 +125,32 @@ def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, m
         assert row["id"] == sample.id and row["images"] == sample.images[: want.num_images]
         assert row["input_ids"].tolist() == want.input_ids and row["labels"].tolist() == want.labels
         assert (row["length"], row["n_images"]) == (want.length, want.num_images)
+
+
+@pytest.mark.parametrize("tokenizer,template", [("real", "vicuna"), ("tiny", "internlm2_chat")])
+def test_lazy_samples_equal_tokenize_conversation_and_lengths_are_close(mix, tmp_path, monkeypatch, request, tokenizer, template):
+    monkeypatch.setattr(llava_json, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
+    tok = request.getfixturevalue(f"{tokenizer}_tokenizer")
+    cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900, lazy_tokenize=True)
+    dataset, report = build_dataset(cfg, tok, None, 576, tmp_path)
+    records = json.loads(mix.read_text())
+    assert report.lazy and report.total == report.kept == len(dataset) == len(records)
+    errors, text_tokens = [], 0
+    for index, raw in enumerate(records):
+        sample = normalize_record(raw, index)
+        want = tokenize_conversation(sample.turns, tok, get_template(template), 900, 576)
+        row = dataset.table[index]
+        assert (row["id"], row["images"], row["n_images"]) == (sample.id, sample.images, len(sample.images))
+        if not want.trainable:
+            with pytest.raises(llava_json.RecordError, match="no_trainable_tokens"):
+                dataset.row_tokenizer(row)
+            continue
+        got = dataset.row_tokenizer(row)
+        assert (got.input_ids, got.labels, got.length) == (want.input_ids, want.labels, want.length)
+        errors.append(row["length"] - want.length)
+        text_tokens += want.length - 576 * want.num_images
+    # the estimate: images exact, the text's tokens from the fitted byte-count model
+    assert np.mean(np.abs(errors)) < 0.1 * text_tokens / len(errors), (np.mean(np.abs(errors)), text_tokens / len(errors))
 
 
 def test_batched_truncation_matches_one_by_one(real_tokenizer):
@@ -141,20 +171,21 @@ def entries(cache: Path) -> dict[str, int]:
     return {p.name: (p / "table.arrow").stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
 
 
-def test_cache_reused_unless_a_key_changes(mix, tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("lazy", [True, False])
+def test_cache_reused_unless_a_key_changes(mix, tmp_path, tiny_tokenizer, lazy):
     data = tmp_path / "data" / "mix.json"
     data.parent.mkdir()
     data.write_bytes(mix.read_bytes())
     cache = tmp_path / "cache"
-    cfg = DataConfig(data_path=str(data), image_folder="", prompt_template="vicuna", max_length=2048)
+    cfg = DataConfig(data_path=str(data), image_folder="", prompt_template="vicuna", max_length=2048, lazy_tokenize=lazy)
     build = lambda **kw: build_table(dataclasses.replace(cfg, **kw), tiny_tokenizer, 576, cache)  # noqa: E731
     first, _ = build()
     before = entries(cache)
     again, _ = build()
-    assert entries(cache) == before and again["input_ids"] == first["input_ids"]  # reused, not rebuilt
+    assert entries(cache) == before and again.data.equals(first.data)  # reused, not rebuilt
     for n, change in enumerate([{"prompt_template": "internlm2_chat"}, {"max_length": 1024}, {"system": "Be brief."}], 2):
         changed, _ = build(**change)
-        assert len(entries(cache)) == n and changed["input_ids"] != first["input_ids"]
+        assert len(entries(cache)) == n and not changed.data.equals(first.data)
     assert {k: v for k, v in entries(cache).items() if k in before} == before  # the others are untouched
     data.write_text(json.dumps(json.loads(data.read_text())[:10]))  # the data file changes
     table, report = build()

@@ -1,22 +1,29 @@
-"""The training dataset: LLaVA JSON tokenized once into a memory-mapped Arrow table, images loaded lazily.
+"""The training dataset: LLaVA JSON read once into a memory-mapped Arrow table, images loaded lazily.
 
-Building reads every record, normalises and tokenizes it (one masking rule: data/tokenize.py) and writes
-columns id, images, input_ids, labels, length, n_images to an Arrow file under a cache folder keyed by
-everything that changes the tokens (data file, tokenizer, template, max_length, image length). The build
-runs in parallel over chunks of the file (data/table.py). The first process to take the cache lock builds;
-the others wait for it and memory-map the result, so ranks and dataloader workers share one copy of the
-table through the page cache instead of holding Python objects each.
+Building reads every record, normalises it and writes it to an Arrow file under a cache folder keyed by
+everything that changes the rows (data file, tokenizer, template, max_length, image length, lazy or not).
+The build runs in parallel over chunks of the file (data/table.py). The first process to take the cache
+lock builds; the others wait for it and memory-map the result, so ranks and dataloader workers share one
+copy of the table through the page cache instead of holding Python objects each.
+
+Two ways to tokenize (`lazy_tokenize`; the masking rule is data/tokenize.py either way):
+- lazy (the default unless packing): the table holds the turns and an estimated length (for grouping);
+  `__getitem__` tokenizes the sample, as LLaVA's LazySupervisedDataset does. A 665K-record file is ready in
+  seconds instead of minutes; a sample left with nothing to train on by truncation is skipped when loaded.
+- up front: the table holds ids/labels with exact lengths, which token-budget packing needs; records with
+  nothing to train on are left out when building.
 
 Records that cannot be trained on are counted per kind in a report (with the first examples) and left out.
-Images are decoded in `__getitem__`; a sample whose image fails is replaced by the next good index (a
-deterministic function of the index, so resume stays exact) and reported back through the batch.
+Images are decoded in `__getitem__`; a sample whose image (or, lazily, whose tokens) cannot be used is
+replaced by the next good index (a deterministic function of the index, so resume stays exact) and reported
+back through the batch.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +34,15 @@ from vlmtune.data.image import ImagePreprocessor, load_image, resolve_image_path
 from vlmtune.data.llava_json import RecordError
 from vlmtune.data.table import DataReport, Settings, write_table
 from vlmtune.data.templates import get_template
+from vlmtune.data.tokenize import Tokenized, tokenize_conversation
 from vlmtune.errors import UserError
 
 FORMAT_VERSION = 2  # bump when the stored columns or the masking rule change
+
+
+def tokenizes_lazily(cfg: DataConfig) -> bool:
+    """`lazy_tokenize`, or when unset: lazily unless packing (the packer needs exact lengths)."""
+    return cfg.lazy_tokenize if cfg.lazy_tokenize is not None else not cfg.pack_to_max_length
 
 
 def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
@@ -43,7 +56,7 @@ def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
     parts = [
         FORMAT_VERSION, str(path), stat.st_size, stat.st_mtime_ns, tok_id, repr(get_template(cfg.prompt_template)),
         cfg.max_length, image_length, cfg.system, tokenizer.bos_token_id, tokenizer.eos_token_id,
-    ]
+    ] + (["lazy"] if tokenizes_lazily(cfg) else [])  # token tables keep the key they had before lazy tables
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -64,18 +77,43 @@ def build_table(cfg: DataConfig, tokenizer, image_length: int, cache_dir: str | 
 def _write_cache(cfg: DataConfig, tokenizer, image_length: int, cache: Path) -> None:
     """table.arrow, then report.json: written last, it marks the cache complete."""
     cache.mkdir(exist_ok=True)
-    settings = Settings(cfg.data_path, get_template(cfg.prompt_template), cfg.max_length, image_length, cfg.system)
-    report = write_table(settings, tokenizer, cache / "table.arrow.tmp")
+    report = write_table(table_settings(cfg, image_length), tokenizer, cache / "table.arrow.tmp", tokenizes_lazily(cfg))
     os.replace(cache / "table.arrow.tmp", cache / "table.arrow")
     (cache / "report.json.tmp").write_text(json.dumps(asdict(report), indent=1))
     os.replace(cache / "report.json.tmp", cache / "report.json")
 
 
-class LlavaDataset(torch.utils.data.Dataset):
-    """Arrow-backed samples: ids/labels from the table, pixels decoded on access."""
+def table_settings(cfg: DataConfig, image_length: int) -> Settings:
+    """What besides the tokenizer decides a record's tokens."""
+    return Settings(cfg.data_path, get_template(cfg.prompt_template), cfg.max_length, image_length, cfg.system)
 
-    def __init__(self, table, image_folder: str, preprocess: ImagePreprocessor, allowed_roots: tuple[str, ...] = ()):
-        self.table = table.with_format("numpy", columns=["input_ids", "labels"], output_all_columns=True)
+
+@dataclass
+class RowTokenizer:
+    """Tokenizes a text table's row when it is loaded (lazy tokenization): the ids/labels the token table holds."""
+
+    tokenizer: object
+    settings: Settings
+
+    def __call__(self, row: dict) -> Tokenized:
+        """The row's Tokenized, or RecordError when truncation leaves nothing to train on."""
+        s = self.settings
+        turns = list(zip(row["users"], row["answers"]))
+        tok = tokenize_conversation(turns, self.tokenizer, s.template, s.max_length, s.image_length, row["system"])
+        if not tok.trainable:
+            raise RecordError("no_trainable_tokens", f"nothing left to train on within max_length={s.max_length}")
+        return tok
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Arrow-backed samples: ids/labels from the table (or, lazily, by `row_tokenizer`), pixels decoded on access."""
+
+    def __init__(self, table, image_folder: str, preprocess: ImagePreprocessor, allowed_roots: tuple[str, ...] = (),
+                 row_tokenizer: RowTokenizer | None = None):
+        self.row_tokenizer = row_tokenizer
+        if "input_ids" in table.column_names:  # a token table (a text table is tokenized by row_tokenizer)
+            table = table.with_format("numpy", columns=["input_ids", "labels"], output_all_columns=True)
+        self.table = table
         self.image_folder = image_folder
         self.preprocess = preprocess
         self.allowed_roots = allowed_roots
@@ -90,12 +128,17 @@ class LlavaDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> dict:
         """Sample `index` or RecordError when one of its images cannot be used."""
         row = self.table[index]
-        pixels = [self.preprocess(load_image(resolve_image_path(self.image_folder, p, self.allowed_roots))) for p in row["images"]]
+        if self.row_tokenizer is None:
+            input_ids, labels, images = row["input_ids"].astype(np.int64), row["labels"].astype(np.int64), row["images"]
+        else:
+            tok = self.row_tokenizer(row)  # a truncation that dropped an image slot drops its file too
+            input_ids, labels, images = np.array(tok.input_ids), np.array(tok.labels), row["images"][: tok.num_images]
+        pixels = [self.preprocess(load_image(resolve_image_path(self.image_folder, p, self.allowed_roots))) for p in images]
         h, w = self.preprocess.crop_size
         return {
             "id": row["id"],
-            "input_ids": torch.from_numpy(row["input_ids"].astype(np.int64)),
-            "labels": torch.from_numpy(row["labels"].astype(np.int64)),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w),
         }
 
@@ -117,4 +160,5 @@ class LlavaDataset(torch.utils.data.Dataset):
 def build_dataset(cfg: DataConfig, tokenizer, preprocess: ImagePreprocessor, image_length: int, cache_dir: str | Path):
     """(LlavaDataset, DataReport) for the config's data."""
     table, report = build_table(cfg, tokenizer, image_length, cache_dir)
-    return LlavaDataset(table, cfg.image_folder, preprocess, tuple(cfg.allowed_image_roots)), report
+    row_tokenizer = RowTokenizer(tokenizer, table_settings(cfg, image_length)) if report.lazy else None
+    return LlavaDataset(table, cfg.image_folder, preprocess, tuple(cfg.allowed_image_roots), row_tokenizer), report
