@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmtune.constants import IMAGE_TOKEN_INDEX
+from vlmtune.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from vlmtune.data.image import ImagePreprocessor
 from vlmtune.data.templates import Template
 from vlmtune.data.tokenize import tokenize_conversation
@@ -175,8 +175,6 @@ class Generator:
 
     def answer(self, question: str, image: Image.Image | None, max_new_tokens: int = 64, **gen_kwargs) -> str:
         """Greedy (by default) single-turn answer; `question` may contain `<image>`, added in front if missing."""
-        from vlmtune.constants import DEFAULT_IMAGE_TOKEN
-
         if image is not None and DEFAULT_IMAGE_TOKEN not in question:
             question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
         ids = self.prompt_ids([(question, None)])
