@@ -118,7 +118,8 @@ def main() -> int:
         if args.data is None:
             make_mix(data, args.records)
         tokenizer = real_tokenizer(tmp)
-        cfg = DataConfig(data_path=str(data), image_folder=str(tmp), prompt_template="vicuna", max_length=args.max_length)
+        cfg = DataConfig(data_path=str(data), image_folder=str(tmp), prompt_template="vicuna", max_length=args.max_length,
+                         lazy_tokenize=False)  # packing works on exact lengths, as `pack_to_max_length` does
         start = time.perf_counter()
         dataset, report = build_dataset(cfg, tokenizer, ImagePreprocessor(make_clip()[1], True), IMAGE_LENGTH, tmp / "cache")
         print(f"data: {report.summary()}; tokenized in {time.perf_counter() - start:.0f} s")

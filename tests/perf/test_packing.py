@@ -175,7 +175,8 @@ def test_training_path_with_pack_to_max_length(tiny, tiny_tokenizer, model, tmp_
 
     cfg = load_config("tiny_llava_finetune_lora", {"pack_to_max_length": True, "max_packed_length": 2048})
     preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), True, cfg.data.image_preprocess)
-    dataset, _ = build_dataset(cfg.data, tiny_tokenizer, preprocess, 576, tmp_path)
+    dataset, report = build_dataset(cfg.data, tiny_tokenizer, preprocess, 576, tmp_path)
+    assert not report.lazy and dataset.row_tokenizer is None  # packing tokenizes up front: exact lengths
     sampler, collate_fn = _batching(cfg, dataset, DistInfo(0, 1, 0, torch.device("cpu")))
     assert isinstance(sampler, PackedBatchSampler) and collate_fn is collate_packed
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
