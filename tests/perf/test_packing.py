@@ -97,6 +97,22 @@ def test_a_sample_does_not_see_its_neighbours(model, samples, tiny_tokenizer):
     torch.testing.assert_close(a[n0:], b[n0:], rtol=0, atol=1e-6)
 
 
+def test_flex_attention_packs_like_sdpa(tiny_model_config, samples, tiny_tokenizer):
+    """`attn_implementation='flex_attention'` (block-sparse on GPUs) keeps each packed sample to itself too:
+    same logits as sdpa's block mask. Forward only: flex attention has no backward on CPU."""
+    batch = collate_packed(samples, tiny_tokenizer.pad_token_id)
+    logits = {}
+    for attention in ("sdpa", "flex_attention"):
+        torch.manual_seed(0)  # the same projector for both
+        model = build_model(tiny_model_config(attn_implementation=attention), for_training=False).eval()
+        with torch.no_grad():
+            inputs = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"],
+                                          segment_ids=batch["segment_ids"])
+            logits[attention] = model.llm(inputs_embeds=inputs["inputs_embeds"], position_ids=inputs["position_ids"],
+                                          use_cache=False).logits[0]
+    torch.testing.assert_close(logits["flex_attention"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+
+
 def test_positions_restart_per_sample_after_image_expansion():
     # row: sample 0 = [t, IMG, t] (P=3 -> 5 rows), sample 1 = [t, t], sample 2 = [IMG, t] (4 rows)
     ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 2, 3, 4, IMAGE_TOKEN_INDEX, 5]])
