@@ -1,6 +1,6 @@
 """GPU throughput and MFU of a real-sized LLaVA, packing off vs on, through `vlmtune train` itself.
 
-    python scripts/bench/bench_gpu_mfu.py [--llm qwen2-1.5b] [--steps 30] [--batch-size 8] [--deepspeed deepspeed_zero2]
+    python scripts/bench/bench_gpu_mfu.py [--steps 30] [--batch-size 8] [--deepspeed deepspeed_zero2] [--attn-implementation flash_attention_2]
     python scripts/bench/bench_gpu_mfu.py --tiny --steps 6      # the same plumbing on CPU with the tiny models
 
 Builds, with random weights and offline: CLIP-L/336 (24 layers, 1024 wide, 577 tokens per image) and a
@@ -102,7 +102,7 @@ def write_config(root: Path, llm: Path, clip: Path, data: Path, args, packing: b
         pad_image_to_square=True, group_by_length=True, pack_to_max_length=packing,
         max_packed_length=args.batch_size * 2048 if packing else None, batch_size=args.batch_size,
         max_steps=args.steps, lr=2e-5, save_steps=10**9, logging_interval=1, evaluation_freq=10**9,
-        dataloader_num_workers=args.workers, cache_dir=str(root / "cache"),
+        dataloader_num_workers=args.workers, cache_dir=str(root / "cache"), attn_implementation=args.attn_implementation,
     )
     path = root / f"bench_{'packed' if packing else 'padded'}.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in values.items()))
@@ -149,6 +149,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=2000)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--deepspeed", default="deepspeed_zero2")
+    p.add_argument("--attn-implementation", help="the LLM's attention (config key attn_implementation); packing wants "
+                   "flash_attention_2 or flex_attention on a GPU (default: transformers' sdpa)")
     p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: from the GPU's name)")
     p.add_argument("--tiny", action="store_true", help="tiny models on CPU: checks the plumbing, no MFU")
     p.add_argument("--work", help="keep everything here (default: a temporary folder)")
@@ -178,12 +180,16 @@ def main() -> None:
 
 
 def _lengths(cache: Path) -> np.ndarray:
-    """Expanded lengths of the cached table (what the runs trained on)."""
+    """Exact expanded lengths of the records, from the token table the packed run built (the padded run's
+    lazy table holds estimates)."""
     import pyarrow as pa
 
-    table = next(cache.rglob("table.arrow"))  # vlmtune/data/table.py writes an Arrow IPC stream
-    with pa.memory_map(str(table)) as source:
-        return pa.ipc.open_stream(source).read_all().column("length").to_numpy()
+    for path in cache.rglob("table.arrow"):  # vlmtune/data/table.py writes Arrow IPC streams
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        if "input_ids" in table.column_names:
+            return table.column("length").to_numpy()
+    raise SystemExit(f"no token table under {cache}")
 
 
 if __name__ == "__main__":
