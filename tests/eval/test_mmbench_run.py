@@ -25,7 +25,7 @@ from vlmtune.cli import main as cli_main
 from vlmtune.config import ModelConfig
 from vlmtune.convert.pth_to_hf import save_projector
 from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, batches, find_resumable, gather_predictions,
-                                  generation_args, image_groups, run_mmbench)
+                                  generation_args, image_groups, run_mmbench, shard)
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
 from vlmtune.eval.results import read_predictions, write_args
@@ -266,6 +266,17 @@ def test_only_unfinished_runs_with_the_same_generation_arguments_resume(model_ar
 
 
 @pytest.mark.slow
+def test_shard_keeps_rotations_on_one_rank_and_covers_every_row_once(mixed_tsv):
+    questions = load_mmbench(mixed_tsv).questions
+    parts = [shard(questions, rank, 3) for rank in range(3)]
+    indices = [q.index for part in parts for q in part]
+    assert sorted(indices) == sorted(q.index for q in questions) and len(set(indices)) == len(indices)
+    assert all(parts)  # every rank gets work
+    for part in parts:  # a question's rotations (index % 1e6) all land on the rank that has any of them
+        base = {q.index % 1_000_000 for q in part}
+        assert {q.index for q in questions if q.index % 1_000_000 in base} == {q.index for q in part}
+
+
 def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, tmp_path):
     single = tmp_path / "single"
     assert cli_main(command(model_args, mixed_tsv, single, "--batch-size", "4")) == 0
@@ -280,7 +291,9 @@ def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, t
     logs = sorted(p.name for p in run_dir.glob("predictions*.jsonl"))
     assert logs == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
     rank1 = read_predictions(run_dir / "predictions.rank1.jsonl")
-    assert sorted(rank1) == sorted(q.index for q in load_mmbench(mixed_tsv).questions[1::2])
+    questions = load_mmbench(mixed_tsv).questions
+    assert sorted(rank1) == sorted(q.index for q in shard(questions, 1, 2))
+    assert sorted(rank1 | read_predictions(run_dir / "predictions.rank0.jsonl")) == sorted(q.index for q in questions)
     assert gather_predictions(run_dir) == gather_predictions(run_dirs(single)[0])
     assert read_predictions(run_dir / "MMBench_DEV_EN_result.xlsx") == gather_predictions(run_dir)
 

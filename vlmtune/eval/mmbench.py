@@ -18,8 +18,9 @@ command continues the newest unfinished run in --work-dir whose generation argum
 device and matcher may change), so only the missing rows are generated.
 
 Several processes: with NPROC_PER_NODE=N (and NNODES, NODE_RANK, ADDR, PORT for several nodes) the command
-re-launches itself through torchrun, as `vlmtune train` does (engine/launch.py). Rank r answers rows r, r+N, ...
-into its own log; rank 0 waits at a barrier, reads every log and writes the outputs.
+re-launches itself through torchrun, as `vlmtune train` does (engine/launch.py). Rank r answers image groups
+r, r+N, ... (a question with its circular rotations; `shard`) into its own log; rank 0 waits at a barrier,
+reads every log and writes the outputs.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def run_mmbench(generator, data: MMBenchData, run_dir: Path, batch_size: int = 8
     with PredictionStore(log) as store:  # opening repairs a line cut by a crash
         barrier()  # every rank has repaired its own log before any rank reads the others
         done = gather_predictions(run_dir)
-        todo = [q for q in data.questions[rank::world] if q.index not in done]
+        todo = [q for q in shard(data.questions, rank, world) if q.index not in done]
         if rank == 0 and done:
             print(f"resuming {run_dir}: {len(done)} of {len(data.questions)} rows already predicted")
         predict(generator, todo, store, batch_size, max_new_tokens, progress=rank == 0)
@@ -123,6 +124,15 @@ def predict(generator, questions: list[Question], store: PredictionStore, batch_
                 for q, ids in zip(group, answers):
                     store.add(q.index, generator.decode(ids))
             bar.update(sum(len(g) for g in batch))
+
+
+def shard(questions: list[Question], rank: int, world: int) -> list[Question]:
+    """This rank's rows: every `world`-th image group (a question and its circular rotations), counted in order
+    of first appearance, so a question's rotations stay on one rank and share its image encoding and prefix."""
+    order: dict[str, int] = {}
+    for q in questions:
+        order.setdefault(q.image, len(order))
+    return [q for q in questions if order[q.image] % world == rank]
 
 
 def image_groups(questions: list[Question], prompts: dict[int, list[int]]) -> list[list[Question]]:
