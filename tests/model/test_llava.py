@@ -129,6 +129,32 @@ def test_loss_is_the_llm_own_loss_on_the_spliced_inputs(pretrain_model, tiny_bat
     torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_lm_head_only_at_target_positions_gives_the_same_loss_and_gradients(tiny_model_config, tiny_batch):
+    """build_model turns `target_logits_only` on: logits only where some sample predicts a target (the image and
+    prompt rows get none), with the loss, target count and every gradient of the full-logits pass."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(freeze_llm=False, freeze_visual_encoder=False), for_training=False).train()
+    assert model.target_logits_only
+    batch = {k: tiny_batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    head_rows = []
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[1]))
+    results = {}
+    for only in (True, False):
+        model.target_logits_only = only
+        model.zero_grad(set_to_none=True)
+        loss_sum, n_targets = model(**batch)
+        loss_sum.backward()
+        results[only] = (loss_sum.detach(), int(n_targets), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    hook.remove()
+    (selected, full), (loss, n, grads) = head_rows, results[True]
+    assert selected < full / 2  # most rows of these samples are image and prompt rows
+    assert n == results[False][1] == int((tiny_batch["labels"] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, results[False][0], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == results[False][2].keys() and any(k.startswith("llm.") for k in grads)
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_image_features_come_from_layer_minus_2_without_cls(pretrain_model, tiny_batch):
     model = pretrain_model
     with torch.no_grad():

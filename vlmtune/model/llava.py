@@ -33,12 +33,16 @@ class LlavaModel(nn.Module):
     global batch: the result then does not depend on how the batch is split into micro-batches and ranks.
     """
 
-    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2):
+    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2,
+                 target_logits_only: bool = False):
         super().__init__()
         self.llm = llm
         self.visual_encoder = visual_encoder
         self.projector = projector
         self.visual_select_layer = visual_select_layer
+        # run the LM head only at positions that predict a target (transformers' `logits_to_keep`); remote-code
+        # LLMs may not take that argument, so build_model turns it on for transformers' own models only
+        self.target_logits_only = target_logits_only
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
@@ -77,14 +81,19 @@ class LlavaModel(nn.Module):
         if pixel_values is None or not len(pixel_values):
             inputs["inputs_embeds"] = inputs["inputs_embeds"] + self._blank_image_term()
         # use_cache=False: no KV cache in a loss pass (transformers also ignores packing when a cache exists)
+        llm_inputs = {"inputs_embeds": inputs["inputs_embeds"], "use_cache": False}
         if segment_ids is None:
-            logits = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            llm_inputs["attention_mask"] = inputs["attention_mask"]
         else:  # no 2D mask: the restarting position ids are what marks the samples apart
-            logits = self.llm(inputs_embeds=inputs["inputs_embeds"], position_ids=inputs["position_ids"], use_cache=False).logits
-        targets = inputs["labels"][:, 1:]
-        loss_sum = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+            llm_inputs["position_ids"] = inputs["position_ids"]
+        targets = inputs["labels"][:, 1:]  # [B, L - 1]: position t predicts label t + 1
+        if self.target_logits_only:
+            # image and prompt rows, most of a LLaVA sequence, predict no target: no logits [B, K, V] for them
+            rows = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [K] positions where some sample has one
+            logits, targets = self.llm(**llm_inputs, logits_to_keep=rows).logits, targets[:, rows]
+        else:
+            logits = self.llm(**llm_inputs).logits[:, :-1]
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, (targets != IGNORE_INDEX).sum()
 
     def _blank_image_term(self) -> torch.Tensor:
