@@ -16,6 +16,9 @@ lengths, for one epoch of LLaVA-1.5's layout (--world-size ranks x --batch-size 
   XTuner's numbers with), computed here;
 - packed B: vlmtune's PackedBatchSampler (best-fit decreasing in pools of 10,000, one pack per micro-batch).
 
+Also printed: the share of a grouped micro-batch's positions at which the LM head runs in training (positions
+where some sample predicts a target: LlavaModel's `target_logits_only`), over --head-batches sampled batches.
+
 real fraction = real tokens / tokens provisioned: batch_size x longest sample of the micro-batch for padded
 batches, the budget B for packs (a pack is one unpadded sequence of at most B tokens). Tokens per optimizer
 step = real tokens of all ranks' micro-batches of one step (accumulative_counts 1). Ratios are to random.
@@ -37,9 +40,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def lengths_of(data: str, cache: str) -> tuple[np.ndarray, np.ndarray]:
+def lengths_of(data: str, cache: str):
     """Modality lengths (image samples positive, text-only negative) of every kept record of `data`: exact
-    (the token table) and as lazy tokenization estimates them (the text table), row for row."""
+    (the token table) and as lazy tokenization estimates them (the text table), row for row; and the token table."""
     import mistral_common
     from transformers import LlamaTokenizer
 
@@ -61,7 +64,7 @@ def lengths_of(data: str, cache: str) -> tuple[np.ndarray, np.ndarray]:
     kept_ids = set(table.data.column("id").to_pylist())
     kept = np.array([i in kept_ids for i in texts.data.column("id").to_pylist()])
     estimated = LlavaDataset(texts, "", None).modality_lengths[kept]
-    return LlavaDataset(table, "", None).modality_lengths, estimated
+    return LlavaDataset(table, "", None).modality_lengths, estimated, table
 
 
 def padded(lengths: np.ndarray, batches: list[np.ndarray], batch_size: int, world: int) -> dict:
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    ap.add_argument("--head-batches", type=int, default=300)
     args = ap.parse_args(argv)
     import torch
     import transformers
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}; load average %.2f %.2f %.2f" % os.getloadavg())
     start = time.perf_counter()
-    modality, estimated = lengths_of(args.data, args.cache)
+    modality, estimated, table = lengths_of(args.data, args.cache)
     lengths = np.abs(modality)
     print(f"{len(lengths):,} samples, mean {lengths.mean():.0f} tokens (min {lengths.min()}, max {lengths.max()}), "
           f"lengths read in {time.perf_counter() - start:.1f} s")
@@ -133,8 +137,30 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"{name:<20}{r['fraction']:>14.3f}{r['fraction'] / base['fraction']:>10.2f}{r['step_tokens']:>13,.0f}"
               f"{r['micro_tokens']:>25,.0f}{r['micro_max']:>8,}{r['steps']:>9,}")
+    grouped = BatchSampler(modality, args.batch_size, args.world_size, 0, seed=0, group_by_length=True).global_batches()
+    picks = np.random.default_rng(0).choice(len(grouped), min(args.head_batches, len(grouped)), replace=False)
+    kept = np.array([head_rows(table, grouped[g][:: args.world_size]) for g in picks])
+    print(f"\nLM head rows per grouped micro-batch ({len(picks)} sampled): mean {kept.mean():.3f} of the positions, "
+          f"median {np.median(kept):.3f}, 95th percentile {np.percentile(kept, 95):.3f}, max {kept.max():.3f}")
     print("load average %.2f %.2f %.2f" % os.getloadavg())
     return 0
+
+
+def head_rows(table, batch: np.ndarray) -> float:
+    """Share of the micro-batch's positions (images expanded, padded to the longest) at which some sample
+    predicts a target: where LlavaModel runs the LM head (`target_logits_only`)."""
+    from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+    rows = table.with_format("numpy", columns=["input_ids", "labels"])
+    masks = []
+    for i in batch.tolist():
+        ids, labels = rows[i]["input_ids"], rows[i]["labels"]
+        expanded = np.repeat(labels != IGNORE_INDEX, np.where(ids == IMAGE_TOKEN_INDEX, 576, 1))
+        masks.append(expanded[1:])  # position t predicts label t + 1
+    union = np.zeros(max(map(len, masks)), dtype=bool)
+    for mask in masks:
+        union[: len(mask)] |= mask
+    return float(union.mean())
 
 
 if __name__ == "__main__":
