@@ -140,6 +140,7 @@ def cases(outside_file: Path) -> list[Case]:
         Case({"id": "b-no-conversations", "image": "rgb.jpg"}, "missing_conversations"),
         Case({"id": "b-empty-conversations", "conversations": []}, "missing_conversations"),
         Case({"id": "b-non-string", "conversations": turns("How many?", 42)}, "non_string_value"),
+        Case({"id": "b-surrogate", "conversations": turns("Emoji cut in half: \ud83d?", answer)}, "invalid_unicode"),
         Case({"id": "b-unknown-role", "conversations": turns("Hi", "Hello", roles=("human", "bot"))}, "unknown_role"),
         Case({"id": "b-out-of-order", "conversations": [{"from": "human", "value": "Hi"}] + turns("Again", "Hello")}, "roles_out_of_order"),
         Case({"id": "b-no-answer", "image": "rgb.jpg", "conversations": turns(q())}, "no_assistant_turn"),
@@ -162,7 +163,8 @@ def build_corpus(root: Path) -> Corpus:
     write_images(folder, root / "outside")
     all_cases = cases(root / "outside" / "cat.jpg")
     data_json = root / "data.json"
-    data_json.write_text(json.dumps([c.record for c in all_cases], indent=1, ensure_ascii=False), encoding="utf-8")
+    text = json.dumps([c.record for c in all_cases], indent=1, ensure_ascii=False)
+    data_json.write_text(text.replace("\ud83d", "\\ud83d"), encoding="utf-8")  # a lone surrogate as its JSON escape
     return Corpus(data_json, folder, all_cases)
 
 

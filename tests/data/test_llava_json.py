@@ -93,6 +93,12 @@ BAD = {
     "too_few_image_tokens": [{"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image>"), ("gpt", "a"))}],
     "bad_message": [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, {"conversations": ["hi"]}],
     "non_string_value": [{"conversations": msgs(("human", ["q"]), ("gpt", "a"))}],
+    "invalid_unicode": [  # lone surrogates: json.loads("\"\\ud800\"") gives one; no tokenizer or Arrow takes it
+        {"conversations": msgs(("human", "q \ud800"), ("gpt", "a"))},
+        {"conversations": msgs(("human", "q"), ("gpt", "\udfff"))},
+        {"id": "x\ud83d", "conversations": msgs(("human", "q"), ("gpt", "a"))},
+        {"image": "a\udc80.jpg", "conversations": msgs(("human", "<image>"), ("gpt", "a"))},
+    ],
     "roles_out_of_order": [
         {"conversations": msgs(("human", "q"), ("gpt", "a"), ("gpt", "b"))},
         {"conversations": msgs(("human", "q1"), ("human", "q2"), ("gpt", "a"))},

@@ -36,6 +36,7 @@ BLOCKING = {
     "missing_conversations": "add a non-empty `conversations` list",
     "bad_message": "every message needs `from` and `value`",
     "non_string_value": "`from` and `value` must be strings",
+    "invalid_unicode": "replace the lone surrogate escapes (\\ud800-\\udfff) with real characters or drop them",
     "unknown_role": "use human/gpt (or user/assistant); `system` only as the first message",
     "roles_out_of_order": "alternate human and gpt messages",
     "no_assistant_turn": "add a gpt answer after the human message",

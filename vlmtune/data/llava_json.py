@@ -342,8 +342,22 @@ def normalize_record(raw, index: int) -> Sample:
         raise RecordError(kind, f"{n_tokens} <image> token(s) for {len(images)} image(s)")
     if n_tokens < len(images):
         raise RecordError("too_few_image_tokens", f"{len(images)} image(s) but {n_tokens} <image> token(s)")
-    record_id = raw.get("id")
-    return Sample(id=str(index) if record_id is None else str(record_id), images=images, turns=turns, system=system)
+    record_id = str(index) if raw.get("id") is None else str(raw.get("id"))
+    for where, text in [("`id`", record_id), *(("`image`", p) for p in images)]:
+        _check_unicode(text, where)
+    return Sample(id=record_id, images=images, turns=turns, system=system)
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """RecordError for text JSON can hold but Unicode cannot: a lone surrogate escape (`\\ud800`), which
+    scraped data sometimes has and which the tokenizer, Arrow and UTF-8 files all refuse."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("invalid_unicode", f"{where} holds {text[e.start:e.end]!r} at character {e.start}, "
+                          f"a lone surrogate, not a character") from None
 
 
 def _images(value) -> list[str]:
@@ -365,6 +379,7 @@ def _turns(messages: list) -> tuple[str, list[tuple[str, str]]]:
         role, value = msg["from"], msg["value"]
         if not isinstance(value, str) or not isinstance(role, str):
             raise RecordError("non_string_value", f"message {pos} has a non-string `from`/`value`")
+        _check_unicode(value, f"message {pos}")
         if role == "system" and pos == 0:
             system = value
         elif role in USER_ROLES:
