@@ -116,3 +116,18 @@ def test_each_image_encoded_and_each_prefix_run_once(generator, groups):
     assert len(prefills) == len(groups) and all(rows == 1 for rows, n in run_lengths[: len(groups)])
     assert run_lengths[len(groups)][0] == prompts  # then every prompt's suffix in one batch
     assert run_lengths[len(groups)][1] < 40 and len(run_lengths) == len(groups) + 2  # + one decode step
+
+
+def test_without_share_prefixes_every_prompt_runs_whole_with_the_same_ids(generator, groups):
+    """A remote-code LLM (load_generator sets share_prefixes=False) takes generate_ids' plain path."""
+    import dataclasses
+
+    plain = dataclasses.replace(generator, share_prefixes=False)
+    seen_images: list[int] = []
+    hook = plain.model.visual_encoder.register_forward_pre_hook(lambda m, args: seen_images.append(len(args[0])))
+    try:
+        got = plain.generate_shared(groups, max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen_images == [sum(len(p) for _, p in groups)]  # each prompt's image encoded for it
+    assert got == generator.generate_shared(groups, max_new_tokens=3, do_sample=False)

@@ -54,7 +54,8 @@ def load_generator(args) -> Generator:
     image_length = (vision.image_size // vision.patch_size) ** 2
     method = cfg.data.image_preprocess if cfg else "hf"  # as trained; a model from elsewhere gets its processor's own
     preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method)
-    return Generator(model.eval(), tokenizer, template, preprocess, image_length, system)
+    return Generator(model.eval(), tokenizer, template, preprocess, image_length, system,
+                     share_prefixes=not args.trust_remote_code)
 
 
 def resolve_device(name: str) -> torch.device:
