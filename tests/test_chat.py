@@ -7,6 +7,7 @@ the LLM actually computes only the new positions.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,10 +18,11 @@ import pytest
 import torch
 from convert.convert_helpers import IMAGE, LOGIT_ATOL, checkpoint, chat_generator, converted, error_line  # noqa: F401
 
-from vlmtune.chat import PROMPT, Conversation
+from vlmtune.chat import PROMPT, Conversation, interact
 from vlmtune.cli import main as cli_main
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.data.image import load_image
+from vlmtune.errors import UserError
 
 MAX_NEW = 8
 TURNS = ["What is in the image?", "What colour is it?", "Describe it in one word."]
@@ -142,6 +144,49 @@ def test_batch_line_with_missing_image(folder, tiny, tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text('{"prompt": "a"}\n{"image": "gone.jpg", "prompt": "b"}\n')
     assert cli_main(chat_argv(tiny, folder, "--batch", str(tmp_path / "q.jsonl"))) == 2
     assert "q.jsonl:2: image 'gone.jpg' not found" in error_line(capsys)
+
+
+@pytest.fixture
+def context(generator):
+    """Set the LLM's context length (`max_position_embeddings`, read by the guard only) for one test."""
+    config = generator.model.llm.config.get_text_config()
+    saved = config.max_position_embeddings
+
+    def set_to(n: int) -> None:
+        config.max_position_embeddings = n
+
+    yield set_to
+    config.max_position_embeddings = saved
+
+
+def test_answers_stop_at_the_context_and_a_full_context_keeps_the_history(generator, context):
+    conversation = Conversation(generator, load_image(IMAGE))
+    first = conversation.ask(TURNS[0], max_new_tokens=MAX_NEW, do_sample=False)
+    ids = generator.prompt_ids([*conversation.turns, (TURNS[1], None)])
+    context(generator.expanded_length(ids) + 2)  # room for 2 new tokens only
+    second = conversation.ask(TURNS[1], max_new_tokens=MAX_NEW, do_sample=False)
+    generated = len(conversation.cached_ids) - len(ids) + 1  # the cache holds all but the last new id
+    assert conversation.cached_ids[: len(ids)] == ids and generated == 2 < MAX_NEW
+    assert len(conversation.turns) == 2
+    with pytest.raises(UserError, match=r"the conversation; RESET starts over: \d+ tokens \(images counted\), the model's context is"):
+        conversation.ask(TURNS[2], max_new_tokens=MAX_NEW, do_sample=False)
+    assert [t[1] for t in conversation.turns] == [first, second]  # the failed turn is not added
+
+
+def test_interactive_full_context_is_a_log_line_not_an_exit(generator, context, monkeypatch, capsys):
+    conversation = Conversation(generator, load_image(IMAGE))
+    context(generator.image_length)  # the image alone fills it
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n\nEXIT\n"))
+    assert interact(conversation, True, {"max_new_tokens": MAX_NEW, "do_sample": False}) == 0
+    out = capsys.readouterr().out
+    assert "Log: the conversation; RESET starts over:" in out and "Log: Exit!" in out and conversation.turns == []
+
+
+def test_batch_image_that_does_not_decode_is_one_line(folder, tiny, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "q.jsonl").write_text('{"image": "broken.jpg", "prompt": "b"}\n')
+    assert cli_main(chat_argv(tiny, folder, "--batch", str(tmp_path / "q.jsonl"))) == 2
+    assert "--batch image" in error_line(capsys)
 
 
 def test_interactive_two_turns_reset_exit_in_a_pty(generator, folder, tiny):

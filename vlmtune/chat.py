@@ -52,6 +52,7 @@ class Conversation:
         if not self.turns and self.features is not None:
             user = f"{DEFAULT_IMAGE_TOKEN}\n{user}"
         ids = self.generator.prompt_ids([*self.turns, (user, None)])
+        gen_kwargs = fit_context(self.generator, [ids], gen_kwargs, "the conversation; RESET starts over")
         self._reuse_cache(ids)
         inputs = self.generator.embed([ids], self.features if IMAGE_TOKEN_INDEX in ids else None)
         new = self.generator.generate_embeds(inputs, cache=self.cache, streamer=streamer, **gen_kwargs)[0].tolist()
@@ -67,17 +68,21 @@ class Conversation:
         while keep < limit and self.cached_ids[keep] == ids[keep]:
             keep += 1
         held = self.cache.get_seq_length()
-        if held != self._expanded(self.cached_ids):  # e.g. a generate that failed midway: start clean
+        if held != self.generator.expanded_length(self.cached_ids):  # e.g. a generate that failed midway: start clean
             self.cache.reset()
             return
-        drop = held - self._expanded(ids[:keep])
+        drop = held - self.generator.expanded_length(ids[:keep])
         if drop:
             self.cache.crop(-drop)
 
-    def _expanded(self, ids: list[int]) -> int:
-        """Sequence positions of `ids` in the LLM: each image slot is P positions."""
-        n_images = ids.count(IMAGE_TOKEN_INDEX)
-        return len(ids) + n_images * (self.generator.image_length - 1)
+
+def fit_context(generator: Generator, prompts: list[list[int]], gen_kwargs: dict, what: str) -> dict:
+    """`gen_kwargs` with max_new_tokens cut to the room the longest prompt leaves in the LLM's context; a
+    UserError naming `what` when a prompt (images expanded) fills the context by itself."""
+    length, limit = max(generator.expanded_length(p) for p in prompts), generator.context_length
+    if length >= limit:
+        raise UserError(f"{what}: {length} tokens (images counted), the model's context is {limit}")
+    return {**gen_kwargs, "max_new_tokens": min(gen_kwargs.get("max_new_tokens", limit), limit - length)}
 
 
 def generation_kwargs(args) -> dict:
@@ -114,11 +119,11 @@ def main(args) -> int:
     return interact(conversation, args.no_streamer, kwargs)
 
 
-def _open_image(path: str) -> Image.Image:
+def _open_image(path: str, flag: str = "--image") -> Image.Image:
     try:
         return load_image(path)
     except RecordError as e:
-        raise UserError(f"--image {path}: {e}") from None
+        raise UserError(f"{flag} {path}: {e}") from None
 
 
 def _answer(conversation: Conversation, text: str, no_streamer: bool, kwargs: dict) -> str:
@@ -158,7 +163,10 @@ def interact(conversation: Conversation, no_streamer: bool, kwargs: dict) -> int
             conversation.reset()
             print("Log: History responses have been removed!")
             continue
-        _answer(conversation, text, no_streamer, kwargs)
+        try:
+            _answer(conversation, text, no_streamer, kwargs)
+        except UserError as e:  # a full context: say so and keep the session (the turn is not added)
+            print(f"Log: {e}", flush=True)
 
 
 def read_batch(path: Path) -> list[tuple[dict, Path | None]]:
@@ -189,9 +197,11 @@ def answer_batch(generator: Generator, items: list[tuple[dict, Path | None]], ou
     try:
         for start in range(0, len(items), BATCH_SIZE):
             chunk = items[start:start + BATCH_SIZE]
-            images = [[load_image(image)] if image is not None else [] for _, image in chunk]
+            images = [[_open_image(str(image), "--batch image")] if image is not None else [] for _, image in chunk]
             prompts = [generator.prompt_ids([(_with_image(r["prompt"], bool(ims)), None)]) for (r, _), ims in zip(chunk, images)]
-            for (record, _), ids in zip(chunk, generator.generate_ids(prompts, images, **kwargs)):
+            where = f"--batch lines {start + 1}-{start + len(chunk)} (non-empty lines; answers before them are written)"
+            fitted = fit_context(generator, prompts, kwargs, where)
+            for (record, _), ids in zip(chunk, generator.generate_ids(prompts, images, **fitted)):
                 out.write(json.dumps({**record, "answer": generator.decode(ids)}, ensure_ascii=False) + "\n")
             out.flush()
     finally:

@@ -44,6 +44,15 @@ class Generator:
         return tokenize_conversation(turns, self.tokenizer, self.template, NO_LIMIT, self.image_length, self.system).input_ids
 
     @property
+    def context_length(self) -> int:
+        """Positions the LLM was built for (`max_position_embeddings`): a prompt and its answer must fit."""
+        return self.model.llm.config.get_text_config().max_position_embeddings
+
+    def expanded_length(self, ids: list[int]) -> int:
+        """Sequence positions of `ids` in the LLM: each image slot is P positions."""
+        return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (self.image_length - 1)
+
+    @property
     def device(self) -> torch.device:
         return self.model.projector.model[0].weight.device
 
