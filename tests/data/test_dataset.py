@@ -192,3 +192,32 @@ def test_lazy_lengths_are_estimates_exact_in_images_and_capped(setup):
     for key in ("img", "txt", "multi", "uni"):  # the sign (image or not) is exact, the text part close
         assert np.sign(estimate[key]) == np.sign(exact[key])
         assert abs(estimate[key] - exact[key]) <= 0.35 * (abs(exact[key]) - 576 * (key != "txt")) + 2
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_broken_jsonl_line_is_dropped_as_data_check_reports_it(setup, tmp_path, lazy):
+    """A cut-off line (a download or a writer interrupted) costs that record, not the build; same index,
+    line and kind as `data check` gives (tests/data/test_check.py)."""
+    from bad_corpus import build_broken_files
+
+    _, (path, bad_line, n_good) = build_broken_files(tmp_path).values()
+    lines = path.read_text().splitlines()
+    path.write_text("\n\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\n" + lines[0][:25])  # a blank line; a partial last line
+    dataset, report = build(setup, data_path=str(path), lazy_tokenize=lazy)
+    assert (report.total, report.kept, report.dropped) == (n_good + 2, n_good, {"json_syntax": 2})
+    first, last = report.examples["json_syntax"]
+    assert (first["index"], last["index"]) == (bad_line - 1, n_good + 1)
+    assert first["detail"].startswith(f"line {bad_line + 1} column ") and last["detail"].startswith(f"line {len(lines) + 2} column ")
+    assert [dataset[i]["id"] for i in range(len(dataset))] == ["l0", "l1", "l3"]
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_an_empty_jsonl_file_has_no_records_and_an_empty_json_file_says_so(setup, tmp_path, lazy):
+    from vlmtune.errors import UserError
+
+    (tmp_path / "empty.jsonl").write_text("")
+    dataset, report = build(setup, data_path=str(tmp_path / "empty.jsonl"), lazy_tokenize=lazy)
+    assert (len(dataset), report.total, report.kept) == (0, 0, 0)
+    (tmp_path / "empty.json").write_text(" \n")
+    with pytest.raises(UserError, match=r"empty\.json: invalid JSON at line 2 column 1: the file is empty"):
+        build(setup, data_path=str(tmp_path / "empty.json"), lazy_tokenize=lazy)

@@ -42,7 +42,7 @@ def test_missing_file_and_non_list_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data file not found"):
         list(read_records(tmp_path / "nope.json"))
     (tmp_path / "obj.json").write_text('{"conversations": []}')
-    with pytest.raises(UserError, match="expected a JSON list of records"):
+    with pytest.raises(UserError, match=r"found an object \(one record per line\? name the file \.jsonl\); expected a JSON list of records"):
         list(read_records(tmp_path / "obj.json"))
 
 

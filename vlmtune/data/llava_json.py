@@ -96,8 +96,10 @@ def iter_record_texts(path: str | Path) -> Iterator[tuple[int, str]]:
 def _split_json_list(f, path: Path) -> Iterator[tuple[int, str]]:
     """Texts of the elements of the JSON list in file `f`, read block by block."""
     reader = _Blocks(f, path)
-    if reader.next_char() != "[":
-        reader.fail("expected a JSON list of records (`[` ... `]`)")
+    first = reader.next_char()
+    if first != "[":
+        hint = {"": "the file is empty; ", "{": "found an object (one record per line? name the file .jsonl); "}
+        reader.fail(hint.get(first, "") + "expected a JSON list of records (`[` ... `]`)")
     reader.pos += 1
     if reader.next_char() == "]":
         return reader.expect_end()
@@ -189,12 +191,14 @@ BACKSLASH, QUOTE, COMMA, OPEN, CLOSE = 0x5C, 0x22, 0x2C, 0x5B, 0x5D
 
 @dataclass(frozen=True)
 class Chunk:
-    """Bytes [start, end) of a data file holding `count` whole records, the first of them record `first`."""
+    """Bytes [start, end) of a data file holding `count` whole records, the first of them record `first`;
+    `line`: the file line `start` is on (JSONL only, where it names a broken line; 0 for a JSON list)."""
 
     start: int
     end: int
     first: int
     count: int
+    line: int = 0
 
 
 def record_chunks(path: str | Path, chunk_bytes: int | None = None) -> Iterator[Chunk]:
@@ -208,8 +212,8 @@ def record_chunks(path: str | Path, chunk_bytes: int | None = None) -> Iterator[
     path, chunk_bytes = Path(path), chunk_bytes or CHUNK_BYTES
     if not path.is_file():
         raise UserError(f"{path}: data file not found; check `data_path` in the config")
-    if path.stat().st_size == 0:
-        return _malformed(path)
+    if path.stat().st_size == 0:  # JSONL: no records; a JSON list: the streaming reader's error
+        return None if path.suffix == ".jsonl" else _malformed(path)
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         start = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark, skipped as "utf-8-sig" does
         if path.suffix == ".jsonl":
@@ -221,17 +225,29 @@ def record_chunks(path: str | Path, chunk_bytes: int | None = None) -> Iterator[
 
 
 def parse_chunk(path: str | Path, chunk: Chunk) -> list:
-    """The raw records of `chunk`; ValueError when they do not parse (`check_syntax` then locates the error)."""
+    """The raw records of `chunk`. In JSONL a line that does not parse is a JSONSyntaxError in the list (one
+    bad record, dropped like any other, as `data check` reports it); in a JSON list ValueError is raised
+    (the records cannot be located: `check_syntax` then locates the error)."""
+    path = Path(path)
     with open(path, "rb") as f:
         f.seek(chunk.start)
         text = f.read(chunk.end - chunk.start).decode("utf-8")
-    if Path(path).suffix == ".jsonl":
-        records = [json.loads(line) for line in text.split("\n") if line.strip()]
+    if path.suffix == ".jsonl":
+        records = [_parse_line(line, path, number) for number, line in enumerate(text.split("\n"), start=chunk.line)
+                   if line.strip()]
     else:
         records = json.loads("[" + text + "]")
     if len(records) != chunk.count:
         raise ValueError(f"{path}: bytes {chunk.start}-{chunk.end} hold {len(records)} records, not {chunk.count}")
     return records
+
+
+def _parse_line(text: str, path: Path, line: int):
+    """One JSONL record, or the JSONSyntaxError that names its line."""
+    try:
+        return parse_record(text, path, line)
+    except JSONSyntaxError as e:
+        return e
 
 
 def check_syntax(path: str | Path) -> None:
@@ -247,14 +263,15 @@ def _malformed(path: Path) -> None:
 
 def _line_chunks(mm, start: int, chunk_bytes: int) -> Iterator[Chunk]:
     """JSONL: chunks end at a newline; blank lines hold no record."""
-    first = 0
+    first, line = 0, 1
     while start < len(mm):
         end = mm.find(b"\n", min(start + chunk_bytes, len(mm) - 1))
         end = len(mm) if end < 0 else end + 1
-        count = sum(1 for line in mm[start:end].split(b"\n") if line.strip())
+        lines = mm[start:end].split(b"\n")
+        count = sum(1 for text in lines if text.strip())
         if count:
-            yield Chunk(start, end, first, count)
-        first, start = first + count, end
+            yield Chunk(start, end, first, count, line)
+        first, start, line = first + count, end, line + len(lines) - 1
 
 
 def _list_chunks(buf: np.ndarray, start: int, chunk_bytes: int) -> Iterator[Chunk]:

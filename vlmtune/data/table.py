@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlmtune.data.llava_json import Chunk, RecordError, Sample, check_syntax, normalize_record, parse_chunk, record_chunks
+from vlmtune.data.llava_json import (Chunk, JSONSyntaxError, RecordError, Sample, check_syntax, normalize_record, parse_chunk,
+                                     record_chunks)
 from vlmtune.constants import IMAGE_TOKEN_INDEX
 from vlmtune.data.templates import Template
 from vlmtune.data.tokenize import encode_texts, render_units, special_ids, tokenize_conversations
@@ -146,6 +147,9 @@ def normalize_chunk(chunk: Chunk, settings: Settings) -> tuple[DataReport, list[
     report = DataReport(total=chunk.count)
     samples, indices = [], []
     for index, raw in enumerate(parse_chunk(settings.data_path, chunk), start=chunk.first):
+        if isinstance(raw, JSONSyntaxError):  # a broken JSONL line: `data check`'s json_syntax record
+            report.add("json_syntax", index, None, f"line {raw.line} column {raw.column}: {raw.msg}")
+            continue
         try:
             samples.append(normalize_record(raw, index))
             indices.append(index)
