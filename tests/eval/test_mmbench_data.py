@@ -106,12 +106,46 @@ def _png_header(width: int, height: int) -> bytes:
         (base64.b64encode(_png_header(30000, 30000)).decode(), "decompression bomb"),
     ],
 )
-def test_undecodable_images_name_the_row(tmp_path, images, image, message):
+def test_undecodable_images_name_the_row_when_the_file_is_loaded(tmp_path, images, image, message):
+    """Every image's header is read by load_mmbench: a corrupt one stops the run before the model loads."""
     rows = [dict(r, image=image) if r["index"] == 1 else r for r in base_questions(images)]
+    with pytest.raises(UserError, match=rf"img.tsv: row 2 \(index 1\): .*{message}"):
+        load_mmbench(write_tsv(tmp_path / "img.tsv", rows))
+
+
+def test_a_truncated_image_loads_and_fails_when_decoded(tmp_path, images):
+    jpeg = base64.b64decode(images[1])
+    cut = base64.b64encode(jpeg[: len(jpeg) * 3 // 4]).decode()  # the header survives, the pixels do not
+    rows = [dict(r, image=cut) if r["index"] == 1 else r for r in base_questions(images)]
     data = load_mmbench(write_tsv(tmp_path / "img.tsv", rows))
     decode_image(data.questions[0])  # the good rows still decode
-    with pytest.raises(UserError, match=rf"img.tsv: row 2 \(index 1\): .*{message}"):
+    with pytest.raises(UserError, match=r"img.tsv: row 2 \(index 1\): image is not a decodable base64 image"):
         decode_image(data.questions[1])
+
+
+def test_option_texts_are_read_as_written(tmp_path, images):
+    """"None", "NA", "null" are options (pandas' defaults would drop them: VLMEvalKit #1559) and number options
+    stay as written (a column with an empty cell would make them floats: "1.0"); other columns keep pandas'
+    defaults, so a hint written as "nan" is no hint, as in XTuner and VLMEvalKit."""
+    common = dict(category="counting", image=images[0], hint="nan")
+    rows = [dict(common, index=0, question="How many dogs?", A="None", B="NA", C="null", D="1", answer="A"),
+            dict(common, index=1, question="How many cats?", A="1", B="2", C="3", D="10", answer="D"),
+            dict(common, index=2, question="How many cups?", A="0", B="1", answer="B")]
+    questions = load_mmbench(write_tsv(tmp_path / "count.tsv", rows)).questions
+    assert [q.options for q in questions] == [{"A": "None", "B": "NA", "C": "null", "D": "1"},
+                                              {"A": "1", "B": "2", "C": "3", "D": "10"}, {"A": "0", "B": "1"}]
+    assert build_prompt(questions[1]) == ("<image>\nHow many cats?\nA. 1\nB. 2\nC. 3\nD. 10\n"
+                                          "Answer with the option's letter from the given choices directly.")
+    assert [q.hint for q in questions] == [None] * 3
+
+
+@pytest.mark.parametrize("answer", ["a", "cat", "E"])
+def test_an_answer_that_is_not_an_option_letter_names_the_row(tmp_path, images, answer):
+    """Scored as is it would count every prediction of the row wrong without a word."""
+    rows = [dict(r, answer=answer) if r["index"] == 2 else r for r in base_questions(images)]
+    with pytest.raises(UserError, match=rf"bad.tsv: row 3 \(index 2\): answer '{answer}' is not one of the row's option "
+                                        r"letters \(A, B, C, D\)"):
+        load_mmbench(write_tsv(tmp_path / "bad.tsv", rows))
 
 
 def test_oversized_base64_refused_before_decoding(tmp_path, images):

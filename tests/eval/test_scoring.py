@@ -135,6 +135,28 @@ def test_rescore_reads_an_xtuner_result_sheet(dev_tsv, tmp_path):
     assert pd.read_csv(run_dir / "MMBench_DEV_EN_acc.csv")["Overall"].tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_rescore_reads_csv_and_tsv_predictions_with_text_kept_as_written(dev_tsv, tmp_path, suffix, sep):
+    """VLMEvalKit's `load` reads .csv/.tsv result tables too; a prediction "None" or "NA" is what the model said."""
+    data = load_mmbench(dev_tsv)
+    said = {q.index: f"{q.answer}." for q in data.questions}
+    said[0], said[1] = "None", "NA"
+    pd.DataFrame({"index": [float(i) for i in said], "prediction": list(said.values())}).to_csv(
+        tmp_path / f"preds{suffix}", sep=sep, index=False)
+    assert read_predictions(tmp_path / f"preds{suffix}") == said
+    run_dir = rescore(tmp_path / f"preds{suffix}", dev_tsv, "vlmevalkit", tmp_path / "work")
+    assert pd.read_csv(run_dir / "MMBench_DEV_EN_acc.csv")["Overall"].tolist() == [1 / 3, 1 / 3]  # questions 0 and 1 were not answered
+    (tmp_path / "preds.txt").write_text("index,prediction\n0,A\n")
+    with pytest.raises(UserError, match=r"preds.txt: predictions must be one of .xlsx, .csv, .tsv, .jsonl files"):
+        read_predictions(tmp_path / "preds.txt")
+
+
+def test_a_null_prediction_in_a_log_is_no_answer(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"index": 0, "prediction": null}\n{"index": 1, "prediction": "B"}\n')
+    assert read_predictions(path) == {0: "", 1: "B"}
+
+
 def test_predictions_must_belong_to_the_data_file(dev_tsv, tmp_path):
     data = load_mmbench(dev_tsv)
     with pytest.raises(UserError, match=r"1 predicted indices are not in .*MMBench_DEV_EN.tsv \(first: 99\)"):

@@ -7,14 +7,21 @@ image cell holds the index of the row with the real image (vlmeval/dataset/image
 ImageBaseDataset.__init__: a cell of <= 64 characters is an index); legacy files repeat the image.
 
 The file is read with pandas defaults, as XTuner (tools/mmbench.py, MMBenchDataset) and VLMEvalKit (smp `load`)
-read it, so options, hints and NaN handling match theirs; only `image` is read as text, so that an image
-reference stays the exact digits of the cell.
+read it, except for two kinds of column: `image` is text (an image reference stays the exact digits of the cell), and
+an option cell (A..Z) is the text it holds, missing only when empty. Pandas' defaults turn the option texts
+"None", "NA", "N/A", "null", "nan" into missing values (the option vanishes from the prompt while the answer
+still names it: VLMEvalKit issue #1559, since fixed there with `keep_default_na=False`) and an all-number
+option column into floats ("A. 1.0" for a cell holding 1). Each row's answer must be one of its option letters, so such a row, or a
+lowercase answer, is an error instead of a silently wrong score. Every image is opened (header only) when the
+file is loaded, so a corrupt one stops the run before the model loads.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,9 @@ CIRCULAR_STRIDE = 1_000_000  # copy k of question i has index i + k * CIRCULAR_S
 MAX_IMAGE_REF_CHARS = 64  # VLMEvalKit: an image cell this short is another row's index, not base64
 MAX_IMAGE_MB = 50  # refuse larger images before decoding (base64 holds 3 bytes per 4 characters)
 REQUIRED_COLUMNS = ("index", "question", "A", "B", "category", "image")
+# pandas.read_csv's default missing-value strings (its documentation), kept for every column but the options
+PANDAS_NA = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,10 @@ def load_mmbench(path: str | Path) -> MMBenchData:
     if not path.is_file():
         raise UserError(f"{path}: MMBench data file not found")
     try:
-        df = pd.read_csv(path, sep="\t", dtype={"image": str})
+        columns = pd.read_csv(path, sep="\t", nrows=0).columns
+        options = [c for c in columns if c in string.ascii_uppercase]
+        df = pd.read_csv(path, sep="\t", dtype={"image": str, **dict.fromkeys(options, str)}, keep_default_na=False,
+                         na_values={c: [""] if c in options else PANDAS_NA for c in columns})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable TSV ({e})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -98,16 +111,35 @@ def load_mmbench(path: str | Path) -> MMBenchData:
             zip(df.to_dict("records"), indices, images, answers), start=1
         )
     ]
+    _check_images(questions)
+    df["index"] = indices  # numbers in the predictions sheet, as the TSV has them
     return MMBenchData(file=path, questions=questions, table=df.drop(columns="image"))
 
 
 def decode_image(question: Question) -> Image.Image:
     """The question's image as RGB; bad base64 or an undecodable or oversized image raises UserError."""
+    with _open_image(question) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def _check_images(questions: list[Question]) -> None:
+    """Open every distinct image (its header: format and size, no pixels); the first bad one raises UserError."""
+    seen: set[str] = set()
+    for q in questions:
+        if q.image not in seen:
+            seen.add(q.image)
+            with _open_image(q):
+                pass
+
+
+@contextlib.contextmanager
+def _open_image(question: Question) -> Iterator[Image.Image]:
+    """The question's image, opened; errors while open or in the `with` body raise UserError naming the row."""
     try:
         raw = base64.b64decode(question.image)  # lenient like XTuner's decode_base64_to_image
         with Image.open(io.BytesIO(raw)) as image:  # PIL's decompression-bomb guard stays on
-            image.load()
-            return to_rgb(image)
+            yield image
     except Image.DecompressionBombError as e:
         raise UserError(f"{question.where()}: image refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # binascii.Error is a ValueError
@@ -180,6 +212,9 @@ def _question(record: dict, idx: int, image: str, answer, letters: list[str], ro
     options = {c: str(record[c]) for c in letters if not pd.isna(record[c])}
     if len(options) < 2:
         raise UserError(f"{path}: row {row} (index {idx}): needs at least two options, found {len(options)}")
+    if answer is not None and answer not in options:
+        raise UserError(f"{path}: row {row} (index {idx}): answer {answer!r} is not one of the row's option letters "
+                        f"({', '.join(options)}); write the letter of the right option")
     category = text("category")
     if category is None or text("question") is None:
         raise UserError(f"{path}: row {row} (index {idx}): empty question or category")

@@ -94,23 +94,34 @@ def read_prediction_log(path: Path, repair: bool = False) -> dict[int, str]:
     for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
         try:
             record = json.loads(line)
-            done[int(record["index"])] = str(record["prediction"])
+            prediction = record["prediction"]
+            done[int(record["index"])] = "" if prediction is None else str(prediction)  # null: no answer
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: line {number} is not an {{index, prediction}} record ({e})") from None
     return done
 
 
+PREDICTION_SUFFIXES = (".xlsx", ".csv", ".tsv", ".jsonl")
+
+
 def read_predictions(path: str | Path) -> dict[int, str]:
-    """Index -> prediction from a predictions .xlsx (ours, XTuner's, VLMEvalKit's) or a .jsonl log."""
+    """Index -> prediction from a predictions .xlsx (ours, XTuner's, VLMEvalKit's), a .csv/.tsv table with
+    the same columns, or a .jsonl log."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: predictions file not found")
     if path.suffix == ".jsonl":
         return read_prediction_log(path)
+    if path.suffix not in PREDICTION_SUFFIXES:
+        raise UserError(f"{path}: predictions must be one of {', '.join(PREDICTION_SUFFIXES)} files")
     try:
-        df = pd.read_excel(path)
-    except Exception as e:  # openpyxl raises many types for a file that is not a workbook
-        raise UserError(f"{path}: not a readable .xlsx ({type(e).__name__}: {e})") from None
+        if path.suffix == ".xlsx":
+            df = pd.read_excel(path)
+        else:  # predictions are text: "None" or "NA" stay what the model said
+            df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype={"prediction": str},
+                             keep_default_na=False, na_values={"prediction": [""]})
+    except Exception as e:  # openpyxl and the csv parser raise many types for a file they cannot read
+        raise UserError(f"{path}: not a readable {path.suffix} ({type(e).__name__}: {e})") from None
     if "index" not in df.columns or "prediction" not in df.columns:
         raise UserError(f"{path}: needs 'index' and 'prediction' columns, found {', '.join(map(str, df.columns))}")
     predictions: dict[int, str] = {}
