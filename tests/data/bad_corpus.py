@@ -128,6 +128,7 @@ def cases(outside_file: Path) -> list[Case]:
         Case({"id": "symlinked-folder", "image": "linked/cat.jpg", "conversations": turns(q(), "A cat.")}),
         Case({"id": 12345, "image": "rgb.jpg", "conversations": turns(q(), "An integer id.")}),
         Case({"id": "long-answer", "image": "rgb.jpg", "conversations": turns(q(), LONG)}, None, {"exceeds_max_length"}),
+        Case({"id": "surrogate-in-metadata", "source": "scraped \ud83d", "conversations": turns("Name a fruit.", "A pear.")}),
     ]
     bad = [
         Case({"id": "b-missing", "image": "nope/missing.jpg", "conversations": turns(q(), answer)}, "image_missing"),

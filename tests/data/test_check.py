@@ -173,3 +173,22 @@ def test_a_large_json_list_is_streamed_not_loaded(tmp_path):
     tracemalloc.stop()
     assert report["good"] == 20_000 and report["exit_code"] == 0
     assert peak < 8e6, f"peak {peak / 1e6:.1f} MB for a {data.stat().st_size / 1e6:.1f} MB file"
+
+
+@pytest.mark.parametrize("source", ["json", "jsonl"])
+def test_clean_jsonl_keeps_a_lone_surrogate_in_a_field_no_rule_reads(tmp_path, source):
+    """Such a record is good (training ignores the field); writing it must not crash the check: the escape
+    stays an escape, the rest of the text stays readable."""
+    records = [{"id": "a", "source": "web \ud83d", "conversations": [{"from": "human", "value": "图?"}, {"from": "gpt", "value": "Ok"}]},
+               {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello", "meta": "\udc00"}]}]
+    data = tmp_path / f"data.{source}"
+    if source == "json":
+        data.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    else:
+        data.write_text("\n".join(json.dumps(r, ensure_ascii=False).replace("\ud83d", "\\ud83d").replace("\udc00", "\\udc00")
+                                  for r in records) + "\n", encoding="utf-8")
+    clean = tmp_path / "clean.jsonl"
+    code, report = run(tmp_path, data, tmp_path, "--write-clean", str(clean), "--workers", "1")
+    assert (code, report["good"]) == (0, 2)
+    assert [json.loads(line) for line in clean.read_text(encoding="utf-8").splitlines()] == records
+    assert "\\ud83d" in clean.read_text(encoding="utf-8")

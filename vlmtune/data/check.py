@@ -271,7 +271,7 @@ class _CleanWriter:
 
     def write(self, text: str) -> None:
         if self.jsonl:  # a record of a JSON list may span lines: one line each in JSONL
-            self.file.write(json.dumps(json.loads(text), ensure_ascii=False) + "\n")
+            self.file.write(_one_line(text.strip()) + "\n")
         else:
             self.file.write(("," if self.count else "") + "\n" + text.strip())
         self.count += 1
@@ -284,6 +284,20 @@ class _CleanWriter:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink()
+
+
+def _one_line(text: str) -> str:
+    """A record's JSON text on one line: as written when it is, else re-serialised; a lone surrogate escape in a
+    field no rule reads (`"source": "\\ud83d"`) stays an escape, since UTF-8 cannot hold it."""
+    if "\n" not in text and "\r" not in text:
+        return text
+    record = json.loads(text)
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line
 
 
 def _report(settings: Settings, tally: Tally, fatal, seconds: float, clean_path: Path | None) -> dict:
