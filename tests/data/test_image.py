@@ -85,6 +85,16 @@ def test_missing_empty_and_broken_files_are_record_errors(tmp_path):
     assert e.value.kind in {"image_empty", "image_undecodable"}
 
 
+def test_a_folder_or_a_url_where_an_image_belongs_says_what_it_is(tmp_path):
+    (tmp_path / "cat.jpg").mkdir()
+    with pytest.raises(RecordError, match=r"cat\.jpg is a folder, not an image file") as e:
+        load_image(tmp_path / "cat.jpg")
+    assert e.value.kind == "image_missing"
+    with pytest.raises(RecordError, match=r"'http://x\.org/cat\.jpg' is a URL; download the images") as e:
+        resolve_image_path(tmp_path, "http://x.org/cat.jpg")  # not the file tmp_path/http:/x.org/cat.jpg
+    assert e.value.kind == "image_missing"
+
+
 # ---- expand2square
 
 

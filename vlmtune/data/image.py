@@ -37,6 +37,9 @@ def resolve_image_path(image_folder: str | Path, relative: str, allowed_roots: t
     The check is on the written path (normalised, symlinks not followed): a `..` or absolute path in the
     data cannot leave the folder, while symlinks the user put inside it (`coco -> /datasets/coco`) work.
     """
+    if "://" in relative:  # scraped sets list the source URL; normpath would make it a path that never exists
+        raise RecordError("image_missing", f"{relative!r} is a URL; download the images and give their paths "
+                          f"relative to the image folder")
     root = Path(os.path.abspath(image_folder))
     path = Path(os.path.normpath(root / relative))
     for base in (root, *(Path(os.path.abspath(r)) for r in allowed_roots)):
@@ -64,7 +67,8 @@ def load_image(path: str | Path) -> Image.Image:
     (image_missing, image_empty, image_too_large: Pillow's decompression-bomb guard, image_undecodable)."""
     path = Path(path)
     if not path.is_file():
-        raise RecordError("image_missing", f"{path} does not exist")
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise RecordError("image_missing", f"{path} {what}")
     if path.stat().st_size == 0:
         raise RecordError("image_empty", f"{path} is an empty file")
     try:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlmtune.data.llava_json import (Chunk, JSONSyntaxError, RecordError, Sample, check_syntax, normalize_record, parse_chunk,
-                                     record_chunks)
+from vlmtune.data.llava_json import (Chunk, JSONSyntaxError, RecordError, Sample, check_syntax, normalize_record,
+                                     parse_chunk, record_chunks)
 from vlmtune.constants import IMAGE_TOKEN_INDEX
 from vlmtune.data.templates import Template
 from vlmtune.data.tokenize import encode_texts, render_units, special_ids, tokenize_conversations

@@ -7,12 +7,12 @@ image cell holds the index of the row with the real image (vlmeval/dataset/image
 ImageBaseDataset.__init__: a cell of <= 64 characters is an index); legacy files repeat the image.
 
 The file is read with pandas defaults, as XTuner (tools/mmbench.py, MMBenchDataset) and VLMEvalKit (smp `load`)
-read it, except for two kinds of column: `image` is text (an image reference stays the exact digits of the cell), and
-an option cell (A..Z) is the text it holds, missing only when empty. Pandas' defaults turn the option texts
-"None", "NA", "N/A", "null", "nan" into missing values (the option vanishes from the prompt while the answer
-still names it: VLMEvalKit issue #1559, since fixed there with `keep_default_na=False`) and an all-number
-option column into floats ("A. 1.0" for a cell holding 1). Each row's answer must be one of its option letters, so such a row, or a
-lowercase answer, is an error instead of a silently wrong score. Every image is opened (header only) when the
+read it, except for two kinds of column: `image` is text (an image reference stays the exact digits of the cell),
+and an option cell (A..Z) is the text it holds, missing only when empty. Pandas' defaults turn the option texts
+"None", "NA", "N/A", "null", "nan" into missing values (the option vanishes from the prompt while the answer still
+names it: VLMEvalKit issue #1559, since fixed there with `keep_default_na=False`) and an all-number option column
+into floats ("A. 1.0" for a cell holding 1). Each row's answer must be one of its option letters, so such a row, or
+a lowercase answer, is an error instead of a silently wrong score. Every image is opened (header only) when the
 file is loaded, so a corrupt one stops the run before the model loads.
 """
 from __future__ import annotations
