@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vlmtune.data.llava_json import RecordError, normalize_record, read_records
+from vlmtune.data.llava_json import RecordError, normalize_record, read_records, record_chunks
 from vlmtune.errors import UserError
 
 
@@ -44,6 +44,38 @@ def test_missing_file_and_non_list_are_user_errors(tmp_path):
     (tmp_path / "obj.json").write_text('{"conversations": []}')
     with pytest.raises(UserError, match=r"found an object \(one record per line\? name the file \.jsonl\); expected a JSON list of records"):
         list(read_records(tmp_path / "obj.json"))
+
+
+@pytest.mark.parametrize("name", ["x.json", "x.jsonl"])
+def test_gzip_and_latin1_files_are_one_line_errors_in_check_and_in_training(tmp_path, name):
+    import gzip
+
+    from vlmtune.data.table import Settings, write_table
+    from vlmtune.data.templates import get_template
+
+    record = '[{"conversations": [{"from": "human", "value": "caf\u00e9"}, {"from": "gpt", "value": "ok"}]}]'
+    if name.endswith(".jsonl"):
+        record = record[1:-1]
+    cases = {"gz": (gzip.compress(record.encode()), "gzip-compressed: unpack it first"),
+             "latin1": (record.encode("latin-1"), r"not UTF-8 text \(invalid continuation byte\): convert it to UTF-8")}
+    for kind, (data, message) in cases.items():
+        path = tmp_path / kind / name
+        path.parent.mkdir()
+        path.write_bytes(data)
+        with pytest.raises(UserError, match=message):  # data check's reader
+            list(read_records(path))
+        with pytest.raises(UserError, match=message):  # the table build: chunks, then the located error
+            write_table(Settings(str(path), get_template("vicuna"), 2048, 576, ""), None, tmp_path / kind / "t.arrow")
+
+
+def test_a_json_list_named_jsonl_says_so_in_check_and_in_training(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('\n  [\n {"conversations": []},\n {"conversations": []}\n]\n')
+    message = r"list\.jsonl: starts with `\[`, a JSON list, not one record per line; name the file \.json"
+    with pytest.raises(UserError, match=message):  # data check's reader
+        list(read_records(path))
+    with pytest.raises(UserError, match=message):  # the table build's chunker
+        list(record_chunks(path))
 
 
 # ---- normalising one record

@@ -86,11 +86,15 @@ def iter_record_texts(path: str | Path) -> Iterator[tuple[int, str]]:
             if path.suffix == ".jsonl":
                 for lineno, line in enumerate(f, start=1):
                     if line.strip():
+                        _not_a_list(line.lstrip()[:1], path)
                         yield lineno, line.rstrip()
             else:
                 yield from _split_json_list(f, path)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+        with path.open("rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        fix = "gzip-compressed: unpack it first" if gzipped else f"not UTF-8 text ({e.reason}): convert it to UTF-8"
+        raise UserError(f"{path}: {fix}") from None
 
 
 def _split_json_list(f, path: Path) -> Iterator[tuple[int, str]]:
@@ -217,11 +221,19 @@ def record_chunks(path: str | Path, chunk_bytes: int | None = None) -> Iterator[
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         start = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark, skipped as "utf-8-sig" does
         if path.suffix == ".jsonl":
+            _not_a_list(mm[start : start + 4096].lstrip()[:1].decode("latin-1"), path)
             yield from _line_chunks(mm, start, chunk_bytes)
             return None
         well_formed = yield from _list_chunks(np.frombuffer(mm, dtype=np.uint8), start, chunk_bytes)
     if not well_formed:  # raised here, once no view of the map is left
         _malformed(path)
+
+
+def _not_a_list(first: str, path: Path) -> None:
+    """A `.jsonl` file that opens with `[` is a JSON list under the wrong name: every line would be a syntax
+    error, so say what it is instead."""
+    if first == "[":
+        raise UserError(f"{path}: starts with `[`, a JSON list, not one record per line; name the file .json")
 
 
 def parse_chunk(path: str | Path, chunk: Chunk) -> list:
