@@ -152,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                 return code
         code = _resolve(args.target)(args)
     except UserError as e:
-        print(f"vlmtune: error: {e}", file=sys.stderr)
+        _say(f"vlmtune: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("vlmtune: interrupted", file=sys.stderr)
+        _say("vlmtune: interrupted")
         return 130
     return int(code or 0)
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: ranks sharing the pipe (torchrun) then never splice their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
