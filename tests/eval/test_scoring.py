@@ -166,7 +166,10 @@ def test_predictions_must_belong_to_the_data_file(dev_tsv, tmp_path):
         rescore(tmp_path / "bad.xlsx", dev_tsv, "vlmevalkit", tmp_path / "work")
     with pytest.raises(UserError, match="unknown matcher"):
         rescore(tmp_path / "bad.xlsx", dev_tsv, "chatgpt", tmp_path / "work")
-    assert not (tmp_path / "work").exists()  # nothing created for a bad matcher or bad sheet
+    pd.DataFrame({"index": [0, 99], "prediction": ["A", "B"]}).to_excel(tmp_path / "other.xlsx", index=False)
+    with pytest.raises(UserError, match=r"1 predicted indices are not in .*\(first: 99\)"):
+        rescore(tmp_path / "other.xlsx", dev_tsv, "vlmevalkit", tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # nothing created for a bad matcher, sheet or row set
 
 
 def test_prediction_store_resumes_and_drops_a_partial_last_line(tmp_path):

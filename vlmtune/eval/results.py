@@ -154,12 +154,7 @@ def write_predictions_sheet(data: MMBenchData, predictions: dict[int, str], verd
 def finish_run(data: MMBenchData, predictions: dict[int, str], matcher: str, run_dir: Path) -> Report | None:
     """Write the predictions sheet, and on a dev file score it, write the report and print the table."""
     check_matcher(matcher)
-    unknown = sorted(set(predictions) - {q.index for q in data.questions})
-    if unknown:
-        raise UserError(f"{len(unknown)} predicted indices are not in {data.file} (first: {unknown[0]}); "
-                        "predictions must come from the same file")
-    if not predictions:
-        raise UserError(f"no predictions to write for {data.file}")
+    check_predictions(data, predictions)
     sheet_path = run_dir / f"{data.name}_result.xlsx"
     if not data.has_answers:
         write_predictions_sheet(data, predictions, None, sheet_path)
@@ -177,11 +172,22 @@ def finish_run(data: MMBenchData, predictions: dict[int, str], matcher: str, run
     return report
 
 
+def check_predictions(data: MMBenchData, predictions: dict[int, str]) -> None:
+    """A UserError unless `predictions` is a non-empty set of rows of `data`."""
+    unknown = sorted(set(predictions) - {q.index for q in data.questions})
+    if unknown:
+        raise UserError(f"{len(unknown)} predicted indices are not in {data.file} (first: {unknown[0]}); "
+                        "predictions must come from the same file")
+    if not predictions:
+        raise UserError(f"no predictions to write for {data.file}")
+
+
 def rescore(predictions_xlsx: str | Path, data_path: str | Path, matcher: str, work_dir: str | Path) -> Path:
     """Score an existing predictions file (no model) into a new run folder under work_dir; return it."""
     check_matcher(matcher)
     data = load_mmbench(data_path)
     predictions = read_predictions(predictions_xlsx)
+    check_predictions(data, predictions)  # before the run folder exists: a mismatch leaves nothing behind
     run_dir = make_run_dir(work_dir)
     write_args(run_dir, {"predictions": str(predictions_xlsx), "data_path": str(data_path),
                          "matcher": matcher, "work_dir": str(work_dir)})
