@@ -46,6 +46,28 @@ def test_missing_file_and_non_list_are_user_errors(tmp_path):
         list(read_records(tmp_path / "obj.json"))
 
 
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_check_and_training_split_jsonl_lines_alike(tmp_path, ending):
+    """CRLF lines are records to both readers; a bare "\r" (old Mac) is no line break to either, so data check
+    and the table build report the same records."""
+    from vlmtune.data.llava_json import JSONSyntaxError, parse_chunk
+
+    record = '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(ending.join([record] * 3).encode() + ending.encode())
+
+    def kinds(records):
+        return [type(r).__name__ for r in records]
+
+    checked = []
+    try:
+        checked = list(read_records(path))
+    except JSONSyntaxError as e:
+        checked = [e]
+    built = [r for chunk in record_chunks(path, 40) for r in parse_chunk(path, chunk)]
+    assert kinds(checked) == kinds(built) == (["dict"] * 3 if ending == "\r\n" else ["JSONSyntaxError"])
+
+
 @pytest.mark.parametrize("name", ["x.json", "x.jsonl"])
 def test_gzip_and_latin1_files_are_one_line_errors_in_check_and_in_training(tmp_path, name):
     import gzip

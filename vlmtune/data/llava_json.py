@@ -82,7 +82,8 @@ def iter_record_texts(path: str | Path) -> Iterator[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"{path}: data file not found; check `data_path` in the config")
     try:
-        with path.open(encoding="utf-8-sig") as f:
+        # newline="\n": lines end at "\n" only, as the table build's byte split does (a bare "\r" is no break)
+        with path.open(encoding="utf-8-sig", newline="\n") as f:
             if path.suffix == ".jsonl":
                 for lineno, line in enumerate(f, start=1):
                     if line.strip():
