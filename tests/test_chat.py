@@ -182,6 +182,12 @@ def test_interactive_full_context_is_a_log_line_not_an_exit(generator, context, 
     assert "Log: the conversation; RESET starts over:" in out and "Log: Exit!" in out and conversation.turns == []
 
 
+def test_batch_prompt_with_a_lone_surrogate_is_one_line(folder, tiny, tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "half an emoji \\ud83d"}\n')
+    assert cli_main(chat_argv(tiny, folder, "--batch", str(tmp_path / "q.jsonl"))) == 2
+    assert "q.jsonl:2: 'prompt' holds '\\ud83d'" in error_line(capsys)
+
+
 def test_batch_image_that_does_not_decode_is_one_line(folder, tiny, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (tmp_path / "q.jsonl").write_text('{"image": "broken.jpg", "prompt": "b"}\n')

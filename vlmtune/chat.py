@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from vlmtune.data.image import load_image
-from vlmtune.data.llava_json import RecordError
+from vlmtune.data.llava_json import RecordError, check_unicode
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
@@ -184,6 +184,10 @@ def read_batch(path: Path) -> list[tuple[dict, Path | None]]:
             raise UserError(f"{path}:{n}: not JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UserError(f"{path}:{n}: each line must be an object with a string 'prompt'")
+        try:
+            check_unicode(record["prompt"], "'prompt'")
+        except RecordError as e:
+            raise UserError(f"{path}:{n}: {e.detail}") from None
         image = path.parent / record["image"] if record.get("image") is not None else None
         if image is not None and not image.is_file():
             raise UserError(f"{path}:{n}: image {record['image']!r} not found (paths are relative to the file)")

@@ -141,7 +141,10 @@ BAD = {
         {"image": [], "conversations": msgs(("human", "<image>"), ("gpt", "a"))},
         {"image": ["a.jpg", 3], "conversations": msgs(("human", "<image><image>"), ("gpt", "a"))},
     ],
-    "image_token_missing": [{"image": "a.jpg", "conversations": msgs(("human", "describe"), ("gpt", "a"))}],
+    "image_token_missing": [
+        {"image": "a.jpg", "conversations": msgs(("human", "describe"), ("gpt", "a"))},
+        {"image": "a.jpg", "conversations": msgs(("human", "hi"), ("gpt", "a"), ("human", "<image>\nand this?"))},
+    ],
     "image_token_without_image": [{"conversations": msgs(("human", "<image>\ndescribe"), ("gpt", "a"))}],
     "too_many_image_tokens": [{"image": "a.jpg", "conversations": msgs(("human", "<image><image>"), ("gpt", "a"))}],
     "too_few_image_tokens": [{"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image>"), ("gpt", "a"))}],

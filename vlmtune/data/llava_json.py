@@ -366,7 +366,8 @@ def normalize_record(raw, index: int) -> Sample:
         raise RecordError("image_token_in_answer", "an assistant message contains <image>; images belong in human messages")
     n_tokens = sum(user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns)
     if images and n_tokens == 0:
-        raise RecordError("image_token_missing", "`image` is set but no human turn contains <image>")
+        raise RecordError("image_token_missing", "`image` is set but no answered human turn contains <image> "
+                          "(a last human message without an answer is not trained on)")
     if n_tokens > len(images):
         kind = "image_token_without_image" if not images else "too_many_image_tokens"
         raise RecordError(kind, f"{n_tokens} <image> token(s) for {len(images)} image(s)")
@@ -374,11 +375,11 @@ def normalize_record(raw, index: int) -> Sample:
         raise RecordError("too_few_image_tokens", f"{len(images)} image(s) but {n_tokens} <image> token(s)")
     record_id = str(index) if raw.get("id") is None else str(raw.get("id"))
     for where, text in [("`id`", record_id), *(("`image`", p) for p in images)]:
-        _check_unicode(text, where)
+        check_unicode(text, where)
     return Sample(id=record_id, images=images, turns=turns, system=system)
 
 
-def _check_unicode(text: str, where: str) -> None:
+def check_unicode(text: str, where: str) -> None:
     """RecordError for text JSON can hold but Unicode cannot: a lone surrogate escape (`\\ud800`), which
     scraped data sometimes has and which the tokenizer, Arrow and UTF-8 files all refuse."""
     if text.isascii():
@@ -409,7 +410,7 @@ def _turns(messages: list) -> tuple[str, list[tuple[str, str]]]:
         role, value = msg["from"], msg["value"]
         if not isinstance(value, str) or not isinstance(role, str):
             raise RecordError("non_string_value", f"message {pos} has a non-string `from`/`value`")
-        _check_unicode(value, f"message {pos}")
+        check_unicode(value, f"message {pos}")
         if role == "system" and pos == 0:
             system = value
         elif role in USER_ROLES:
