@@ -118,16 +118,16 @@ def test_each_image_encoded_and_each_prefix_run_once(generator, groups):
     assert run_lengths[len(groups)][1] < 40 and len(run_lengths) == len(groups) + 2  # + one decode step
 
 
-def test_without_share_prefixes_every_prompt_runs_whole_with_the_same_ids(generator, groups):
-    """A remote-code LLM (load_generator sets share_prefixes=False) takes generate_ids' plain path."""
-    import dataclasses
-
-    plain = dataclasses.replace(generator, share_prefixes=False)
+def test_a_remote_code_llm_runs_every_prompt_whole_with_the_same_ids(generator, groups):
+    """A remote-code LLM (loading marks it `transformers_llm=False`) takes generate_ids' plain path."""
+    assert generator.model.transformers_llm  # build_model's mark for a transformers LLM
     seen_images: list[int] = []
-    hook = plain.model.visual_encoder.register_forward_pre_hook(lambda m, args: seen_images.append(len(args[0])))
+    hook = generator.model.visual_encoder.register_forward_pre_hook(lambda m, args: seen_images.append(len(args[0])))
+    generator.model.transformers_llm = False
     try:
-        got = plain.generate_shared(groups, max_new_tokens=3, do_sample=False)
+        got = generator.generate_shared(groups, max_new_tokens=3, do_sample=False)
     finally:
+        generator.model.transformers_llm = True
         hook.remove()
     assert seen_images == [sum(len(p) for _, p in groups)]  # each prompt's image encoded for it
     assert got == generator.generate_shared(groups, max_new_tokens=3, do_sample=False)

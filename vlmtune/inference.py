@@ -36,8 +36,6 @@ class Generator:
     preprocess: ImagePreprocessor
     image_length: int  # tokens per image (P)
     system: str = ""
-    # generate_shared runs the LLM with transformers' `cache=` / `logits_to_keep=`; remote-code LLMs may lack them
-    share_prefixes: bool = True
 
     def prompt_ids(self, turns: list[tuple[str, str | None]]) -> list[int]:
         """Ids of a conversation whose last answer is None: the training prefix of that answer."""
@@ -104,11 +102,12 @@ class Generator:
         share (MMBench's circular rotations: same image, hint and question; the options differ). The ids are
         those of `generate_ids` on all the prompts (greedy; the logits agree to float rounding), but each group's
         images are encoded and its prefix prefilled once instead of once per prompt (`shared_inputs`); decoding
-        runs batched over every prompt. Without a group of two or more prompts, or with `share_prefixes` off,
-        this is `generate_ids`.
+        runs batched over every prompt. Without a group of two or more prompts, or for a remote-code LLM (the
+        prefill passes transformers' `cache=` / `logits_to_keep=`: `LlavaModel.transformers_llm`), this is
+        `generate_ids`.
         """
         sizes = [len(prompts) for _, prompts in groups]
-        if max(sizes) < 2 or not self.share_prefixes:
+        if max(sizes) < 2 or not self.model.transformers_llm:
             images = [ims for ims, prompts in groups for _ in prompts]
             out = self.generate_ids([p for _, prompts in groups for p in prompts], images, **gen_kwargs)
         else:

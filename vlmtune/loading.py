@@ -54,8 +54,7 @@ def load_generator(args) -> Generator:
     image_length = (vision.image_size // vision.patch_size) ** 2
     method = cfg.data.image_preprocess if cfg else "hf"  # as trained; a model from elsewhere gets its processor's own
     preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method)
-    return Generator(model.eval(), tokenizer, template, preprocess, image_length, system,
-                     share_prefixes=not args.trust_remote_code)
+    return Generator(model.eval(), tokenizer, template, preprocess, image_length, system)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +99,7 @@ def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype, devic
     if (llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR).is_dir():
         clip = PeftModel.from_pretrained(clip, str(llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR))
     projector = load_projector(llava / keymaps.PROJECTOR_DIR, dtype)
-    model = LlavaModel(llm, clip, projector, _select_layer(args, cfg))
+    model = LlavaModel(llm, clip, projector, _select_layer(args, cfg), transformers_llm=not args.trust_remote_code)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     return model, tokenizer, load_image_processor(clip_path)
 
@@ -187,7 +186,8 @@ def _load_hf_llava(args, folder: Path, dtype: torch.dtype):
     image_processor = AutoImageProcessor.from_pretrained(str(folder))
     pad = bool(image_processor.do_pad)
     image_processor.do_pad = False  # ImagePreprocessor pads (mmbench may switch padding off)
-    model = LlavaModel(llm, clip, projector.to(dtype), _select_layer_hf(args, config))
+    model = LlavaModel(llm, clip, projector.to(dtype), _select_layer_hf(args, config),
+                       transformers_llm=not args.trust_remote_code)
     return model, load_tokenizer(str(folder)), image_processor, pad
 
 

@@ -17,7 +17,7 @@ lengths, for one epoch of LLaVA-1.5's layout (--world-size ranks x --batch-size 
 - packed B: vlmtune's PackedBatchSampler (best-fit decreasing in pools of 10,000, one pack per micro-batch).
 
 Also printed: the share of a grouped micro-batch's positions at which the LM head runs in training (positions
-where some sample predicts a target: LlavaModel's `target_logits_only`), over --head-batches sampled batches.
+where some sample predicts a target: LlavaModel with `transformers_llm`), over --head-batches sampled batches.
 
 real fraction = real tokens / tokens provisioned: batch_size x longest sample of the micro-batch for padded
 batches, the budget B for packs (a pack is one unpadded sequence of at most B tokens). Tokens per optimizer
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
 def head_rows(table, batch: np.ndarray) -> float:
     """Share of the micro-batch's positions (images expanded, padded to the longest) at which some sample
-    predicts a target: where LlavaModel runs the LM head (`target_logits_only`)."""
+    predicts a target: where LlavaModel runs the LM head (`transformers_llm`)."""
     from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
     rows = table.with_format("numpy", columns=["input_ids", "labels"])

@@ -130,17 +130,17 @@ def test_loss_is_the_llm_own_loss_on_the_spliced_inputs(pretrain_model, tiny_bat
 
 
 def test_lm_head_only_at_target_positions_gives_the_same_loss_and_gradients(tiny_model_config, tiny_batch):
-    """build_model turns `target_logits_only` on: logits only where some sample predicts a target (the image and
-    prompt rows get none), with the loss, target count and every gradient of the full-logits pass."""
+    """build_model marks a transformers LLM (`transformers_llm`): logits only where some sample predicts a target
+    (the image and prompt rows get none), with the loss, target count and every gradient of the full-logits pass."""
     torch.manual_seed(0)
     model = build_model(tiny_model_config(freeze_llm=False, freeze_visual_encoder=False), for_training=False).train()
-    assert model.target_logits_only
+    assert model.transformers_llm
     batch = {k: tiny_batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
     head_rows = []
     hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[1]))
     results = {}
     for only in (True, False):
-        model.target_logits_only = only
+        model.transformers_llm = only
         model.zero_grad(set_to_none=True)
         loss_sum, n_targets = model(**batch)
         loss_sum.backward()

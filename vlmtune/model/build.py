@@ -84,7 +84,7 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
         visual_encoder = add_lora(visual_encoder, cfg.visual_encoder_lora, task_type=None)
     if for_training and cfg.use_gradient_checkpointing:
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return LlavaModel(llm, visual_encoder, projector, cfg.visual_select_layer, target_logits_only=not cfg.trust_remote_code)
+    return LlavaModel(llm, visual_encoder, projector, cfg.visual_select_layer, transformers_llm=not cfg.trust_remote_code)
 
 
 def _without_quantization(cfg: ModelConfig) -> ModelConfig:

@@ -34,15 +34,15 @@ class LlavaModel(nn.Module):
     """
 
     def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2,
-                 target_logits_only: bool = False):
+                 transformers_llm: bool = False):
         super().__init__()
         self.llm = llm
         self.visual_encoder = visual_encoder
         self.projector = projector
         self.visual_select_layer = visual_select_layer
-        # run the LM head only at positions that predict a target (transformers' `logits_to_keep`); remote-code
-        # LLMs may not take that argument, so build_model turns it on for transformers' own models only
-        self.target_logits_only = target_logits_only
+        # the LLM is transformers' own class, not remote code: it takes `logits_to_keep` (the loss pass runs the
+        # LM head only at target positions) and `cache=` (Generator.generate_shared prefills shared prefixes)
+        self.transformers_llm = transformers_llm
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
@@ -87,7 +87,7 @@ class LlavaModel(nn.Module):
         else:  # no 2D mask: the restarting position ids are what marks the samples apart
             llm_inputs["position_ids"] = inputs["position_ids"]
         targets = inputs["labels"][:, 1:]  # [B, L - 1]: position t predicts label t + 1
-        if self.target_logits_only:
+        if self.transformers_llm:
             # image and prompt rows, most of a LLaVA sequence, predict no target: no logits [B, K, V] for them
             rows = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [K] positions where some sample has one
             logits, targets = self.llm(**llm_inputs, logits_to_keep=rows).logits, targets[:, rows]
