@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-clean", help="write the good records to this JSON file")
     p.add_argument("--workers", type=int, help="processes (default all cores)")
     p.set_defaults(target="vlmtune.data.check:main")
+    p = data.add_parser("show", help="samples exactly as training tokenizes them, trained spans marked (xtuner log-dataset)")
+    p.add_argument("config", help="config file or shipped config name")
+    p.add_argument("--index", type=int, nargs="+", help="dataset indices to show (default 0)")
+    p.add_argument("--work-dir", help="the run's work dir, for the shared tokenization cache (default ./work_dirs/<config name>)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour the trained spans")
+    p.set_defaults(target="vlmtune.data.show:main")
     p = data.add_parser("prepare", help="verify the LLaVA download layout and fix OCR-VQA image formats")
     p.add_argument("root", help="the LLaVA data folder")
     p.add_argument("--dry-run", action="store_true")
@@ -145,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":  # decide on torchrun before importing the (heavy) training stack
             from vlmtune.config import load_config, parse_cfg_options
             from vlmtune.engine.launch import relaunch
+            from vlmtune.paths import check_config_paths
 
-            load_config(args.config, parse_cfg_options(args.cfg_options))  # a bad config fails once, here
+            # a bad config or a missing model/data path fails once, here, before torchrun and DeepSpeed start
+            check_config_paths(load_config(args.config, parse_cfg_options(args.cfg_options)))
             code = relaunch(argv)
             if code is not None:
                 return code

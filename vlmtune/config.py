@@ -162,23 +162,65 @@ def load_config(name_or_path: str, cfg_options: dict | None = None) -> Config:
         raw.merge_from_dict(cfg_options)
     values = {k: v for k, v in raw.to_dict().items() if not k.startswith("_")}
     return Config(
-        **_validate(values, path), name=path.stem, path=str(path), text=_dump_text(raw)
+        **_validate(values, path), name=path.stem, path=str(path), text=_dump_text(raw, path)
     )
 
 
-def config_from_text(text: str, source: str) -> Config:
-    """Rebuild a Config from the text saved in a checkpoint (`convert` needs no config argument)."""
-    from mmengine.config import Config as MMConfig
+def config_from_text(text: str, source: str, name: str | None = None) -> Config:
+    """Rebuild a Config from the text saved in a checkpoint or a converted folder (`source` names that file).
 
-    raw = MMConfig.fromstring(text, file_format=".py")
-    values = {k: v for k, v in raw.to_dict().items() if not k.startswith("_")}
-    name = values.pop("config_name", Path(source).stem)
+    That text came from somewhere else (a downloaded iter_N.pth, a --llava folder), so it is data, never
+    executed: only `NAME = <literal>` lines, as `_dump_text` writes them, are read (see `read_literal_assignments`).
+    """
+    if not isinstance(text, str):
+        raise UserError(f"{source}: its saved config is {type(text).__name__}, not text; pass the training config file")
+    values = read_literal_assignments(text, source)
+    saved_name = values.pop("config_name", None)
+    name = name or (saved_name if isinstance(saved_name, str) else Path(source).stem)
     return Config(**_validate(values, Path(source)), name=name, path=source, text=text)
 
 
-def _dump_text(raw) -> str:
-    """Resolved config as Python text: plain values only, so it round-trips through `config_from_text`."""
-    return "".join(f"{k} = {v!r}\n" for k, v in raw.to_dict().items() if not k.startswith("_"))
+def read_literal_assignments(text: str, source: str) -> dict:
+    """{NAME: value} of a module made only of `NAME = <Python literal>` statements, parsed with `ast` and
+    `ast.literal_eval`: nothing in it runs. Anything else (an import, a call, an expression, `a.b = 1`) is a
+    user error naming `source` and the line."""
+    try:
+        tree = ast.parse(text, filename=source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise UserError(f"{source}: not a saved vlmtune config ({type(e).__name__}: {e}); re-create it with "
+                        f"`vlmtune convert pth_to_hf`, or pass the training config file") from None
+    values = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+        if not isinstance(target, ast.Name):
+            raise UserError(f"{source}: line {node.lineno}: refused to read: a saved config holds only "
+                            f"`NAME = <literal>` lines and is never executed (found {type(node).__name__}); "
+                            "re-create it with `vlmtune convert pth_to_hf`, or pass the training config file")
+        try:
+            values[target.id] = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            raise UserError(f"{source}: line {node.lineno}: refused to read {target.id!r}: its value is not a "
+                            "Python literal (a saved config is data and is never executed); re-create it with "
+                            "`vlmtune convert pth_to_hf`, or pass the training config file") from None
+    return values
+
+
+def _dump_text(raw, path: Path) -> str:
+    """Resolved config as Python text: plain values only, so it round-trips through `config_from_text`
+    (checked here, at load, rather than when a checkpoint is read back)."""
+    lines = []
+    for key, value in raw.to_dict().items():
+        if key.startswith("_"):
+            continue
+        try:
+            same = ast.literal_eval(repr(value)) == value
+        except (ValueError, SyntaxError, TypeError):
+            same = False
+        if not same:
+            raise UserError(f"{path}: config key {key!r} = {value!r} is not a plain Python literal (strings, numbers, "
+                            "lists, dicts); checkpoints store the config as data")
+        lines.append(f"{key} = {value!r}\n")
+    return "".join(lines)
 
 
 def _validate(values: dict, path: Path) -> dict:

@@ -50,11 +50,9 @@ def load_generator(args) -> Generator:
         model.visual_encoder.to(device)
         model.projector.to(device)
     system = args.system or (cfg.data.system if cfg else "")
-    vision = model.visual_encoder.config
-    image_length = (vision.image_size // vision.patch_size) ** 2
     method = cfg.data.image_preprocess if cfg else "hf"  # as trained; a model from elsewhere gets its processor's own
     preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method)
-    return Generator(model.eval(), tokenizer, template, preprocess, image_length, system)
+    return Generator(model.eval(), tokenizer, template, preprocess, model.image_length, system)
 
 
 def resolve_device(name: str) -> torch.device:

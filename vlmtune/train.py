@@ -14,7 +14,7 @@ import torch
 
 from vlmtune.config import Config, load_config, parse_cfg_options
 from vlmtune.data.collate import collate, collate_packed
-from vlmtune.data.dataset import build_dataset
+from vlmtune.data.dataset import build_dataset, cache_dir
 from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.data.llava_json import RecordError
 from vlmtune.data.sampler import BatchSampler, PackedBatchSampler
@@ -64,17 +64,19 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     _seed(cfg.train.seed + info.rank)
     logger.info(f"config {cfg.path} -> work dir {work_dir}, {info.world_size} process(es) on {info.device}")
 
+    # read a previous stage's weights first: a bad or hostile file stops the run before anything is built
+    pretrained = checkpoint.load_trained_weights(cfg.train.pretrained_pth)[0] if cfg.train.pretrained_pth else None
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
     preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
                                    cfg.data.image_preprocess)
     model = build_model(cfg.model)
-    image_length = (model.visual_encoder.config.image_size // model.visual_encoder.config.patch_size) ** 2
-    if cfg.train.pretrained_pth:
-        _load_pretrained(model, cfg.train.pretrained_pth, logger)
+    image_length = model.image_length
+    if pretrained is not None:
+        _load_pretrained(model, pretrained, cfg.train.pretrained_pth, logger)
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, _cache_dir(cfg, work_dir))
+    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir))
     logger.info(f"data {cfg.data.data_path}: {report.summary()}")
     _preflight(cfg, report)
     sampler, collate_fn = _batching(cfg, dataset, info)
@@ -129,11 +131,6 @@ def _batching(cfg: Config, dataset, info: DistInfo):
     return PackedBatchSampler(dataset.modality_lengths, budget, info.world_size, info.rank, cfg.train.seed), collate_packed
 
 
-def _cache_dir(cfg: Config, work_dir: Path) -> Path:
-    """Tokenization cache: the config's `cache_dir`, else work_dirs/.cache (shared by runs over the same data)."""
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else work_dir.parent / ".cache" / "vlmtune"
-
-
 def _preflight(cfg: Config, report) -> None:
     """Refuse to start when too much of the data was dropped, pointing at `data check`."""
     if report.kept == 0:
@@ -147,9 +144,8 @@ def _preflight(cfg: Config, report) -> None:
         )
 
 
-def _load_pretrained(model, path: str, logger) -> None:
+def _load_pretrained(model, state_dict: dict, path: str, logger) -> None:
     """Load a previous stage's trained weights (pretrain projector, ...) and say what it covered."""
-    state_dict, _ = checkpoint.load_trained_weights(path)
     uncovered = checkpoint.load_into_model(model, state_dict, path)
     logger.info(f"pretrained_pth {path}: loaded {len(state_dict)} tensors; "
                 f"{len(uncovered)} trainable tensors start fresh (e.g. LoRA)" if uncovered else f"pretrained_pth {path}: loaded {len(state_dict)} tensors")

@@ -124,6 +124,8 @@ def cases(outside_file: Path) -> list[Case]:
               + turns("Name a fruit.", "An apple.")}),
         Case({"id": "two-images", "image": ["rgb.jpg", "gray.png"],
               "conversations": turns("<image>\n<image>\nWhich one is grey?", "The second.")}),
+        Case({"id": "repeated-tag", "image": "rgb.jpg", "conversations": turns("<image> What? <image>", answer)},
+             None, {"image_tokens_collapsed"}),  # one image, two tags in one turn: collapsed as LLaVA/XTuner do
         Case({"id": "image-after-text", "image": "rgb.jpg", "conversations": turns("Describe this: <image>", answer)}),
         Case({"id": "symlinked-folder", "image": "linked/cat.jpg", "conversations": turns(q(), "A cat.")}),
         Case({"id": 12345, "image": "rgb.jpg", "conversations": turns(q(), "An integer id.")}),
@@ -147,8 +149,8 @@ def cases(outside_file: Path) -> list[Case]:
         Case({"id": "b-no-answer", "image": "rgb.jpg", "conversations": turns(q())}, "no_assistant_turn"),
         Case({"id": "b-token-missing", "image": "rgb.jpg", "conversations": turns("What is it?", answer)}, "image_token_missing"),
         Case({"id": "b-token-no-image", "conversations": turns(q(), answer)}, "image_token_without_image"),
-        Case({"id": "b-two-tokens", "image": "rgb.jpg", "conversations": turns("<image><image> What?", answer)},
-             "too_many_image_tokens"),
+        Case({"id": "b-two-tokens", "image": "rgb.jpg", "conversations": turns(q(), answer, q("And now?"), answer)},
+             "too_many_image_tokens"),  # one image, a tag in each of two turns: LLaVA would feed it twice
         Case({"id": "b-two-images", "image": ["rgb.jpg", "gray.png"], "conversations": turns(q(), answer)}, "too_few_image_tokens"),
         Case({"id": "b-prompt-too-long", "image": "rgb.jpg", "conversations": turns(q(LONG), answer)}, "no_trainable_tokens"),
         Case("just a string", "not_an_object"),

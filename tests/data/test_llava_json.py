@@ -126,6 +126,31 @@ def test_leading_assistant_messages_and_a_trailing_question_are_dropped():
     assert normalize_record(raw, 0).turns == [("Q", "A")]
 
 
+def llava_preprocess_multimodal(value: str) -> str:
+    """haotian-liu/LLaVA llava/train/train.py `preprocess_multimodal` on one message (XTuner's `llava_map_fn`
+    does the same three lines): every tag removed, one `<image>\\n` in front."""
+    if "<image>" in value:
+        value = value.replace("<image>", "").strip()
+        value = "<image>" + "\n" + value
+        value = value.strip()
+    return value
+
+
+@pytest.mark.parametrize("value", ["<image><image>", "<image> What? <image>", "Compare <image> and\n<image>\n  ",
+                                   "<image>\n<image>\n<image>\nthree"])
+def test_repeated_tags_for_one_image_collapse_as_llava_and_xtuner_do(value):
+    for image in ("a.jpg", ["a.jpg"]):
+        raw = {"image": image, "conversations": msgs(("human", "hi"), ("gpt", "A"), ("human", value), ("gpt", "B"))}
+        sample = normalize_record(raw, 0)
+        assert sample.turns == [("hi", "A"), (llava_preprocess_multimodal(value), "B")]
+        assert [kind for kind, _ in sample.notes] == ["image_tokens_collapsed"] and "turn 2" in sample.notes[0][1]
+
+
+def test_one_tag_per_image_is_not_a_collapse():
+    raw = {"image": "a.jpg", "conversations": msgs(("human", "x <image>"), ("gpt", "A"))}
+    assert normalize_record(raw, 0).notes == []
+
+
 def test_image_list_with_matching_tokens_in_two_turns():
     raw = {"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image> one"), ("gpt", "A"), ("human", "two <image>"), ("gpt", "B"))}
     sample = normalize_record(raw, 0)
@@ -146,7 +171,10 @@ BAD = {
         {"image": "a.jpg", "conversations": msgs(("human", "hi"), ("gpt", "a"), ("human", "<image>\nand this?"))},
     ],
     "image_token_without_image": [{"conversations": msgs(("human", "<image>\ndescribe"), ("gpt", "a"))}],
-    "too_many_image_tokens": [{"image": "a.jpg", "conversations": msgs(("human", "<image><image>"), ("gpt", "a"))}],
+    "too_many_image_tokens": [
+        {"image": "a.jpg", "conversations": msgs(("human", "<image>"), ("gpt", "a"), ("human", "<image>"), ("gpt", "b"))},
+        {"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image><image><image>"), ("gpt", "a"))},
+    ],
     "too_few_image_tokens": [{"image": ["a.jpg", "b.jpg"], "conversations": msgs(("human", "<image>"), ("gpt", "a"))}],
     "bad_message": [{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, {"conversations": ["hi"]}],
     "non_string_value": [{"conversations": msgs(("human", ["q"]), ("gpt", "a"))}],

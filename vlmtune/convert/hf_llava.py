@@ -28,7 +28,7 @@ from vlmtune.convert.pth_to_hf import (_prefixed, merged_parts, raw_tokenizer, r
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.model.build import load_image_processor
-from vlmtune.model.llava import LlavaModel
+from vlmtune.model.llava import LlavaModel, image_tokens
 
 # CLIPImageProcessor settings carried over to the LlavaImageProcessor of the huggingface layout.
 IMAGE_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
@@ -53,7 +53,7 @@ def save_llava_hf(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size
     config = LlavaConfig(
         text_config=llm.config, vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        image_seq_length=image_tokens(vision),
         vision_feature_layer=select_layer, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", multimodal_projector_bias="projector.model.0.bias" in projector,
         tie_word_embeddings=llm.config.tie_word_embeddings,

@@ -58,6 +58,7 @@ WARNINGS = {
     "image_mode_converted": "converted to RGB when loaded (16-bit is scaled, alpha dropped)",
     "image_aspect_extreme": "mostly padding (pad-to-square) or a huge resize; consider cropping",
     "image_tiny": "upscaled a lot; little detail left",
+    "image_tokens_collapsed": "one <image> per image; the extra tags in that message are dropped, as LLaVA/XTuner do",
     "exceeds_max_length": "truncated to max_length; the end of the conversation is not trained on",
 }
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
@@ -102,6 +103,7 @@ def check_record(settings: Settings, index: int, line: int, text: str) -> Verdic
         raw = parse_record(text, Path(settings.data_path), line)
         verdict.id = None if not isinstance(raw, dict) or raw.get("id") is None else str(raw.get("id"))
         sample = normalize_record(raw, index)
+        verdict.warnings += [(kind, detail, None) for kind, detail in sample.notes]
         for image in sample.images:
             path = resolve_image_path(settings.image_folder, image, settings.allowed_roots)
             load_image(path)

@@ -37,7 +37,7 @@ from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import Tokenized, tokenize_conversation
 from vlmtune.errors import UserError
 
-FORMAT_VERSION = 2  # bump when the stored columns or the masking rule change
+FORMAT_VERSION = 3  # bump when the stored columns or the masking rule change
 
 
 def tokenizes_lazily(cfg: DataConfig) -> bool:
@@ -58,6 +58,11 @@ def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
         cfg.max_length, image_length, cfg.system, tokenizer.bos_token_id, tokenizer.eos_token_id,
     ] + (["lazy"] if tokenizes_lazily(cfg) else [])  # token tables keep the key they had before lazy tables
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def cache_dir(cfg: DataConfig, work_dir: Path) -> Path:
+    """Tokenization cache: the config's `cache_dir`, else work_dirs/.cache (shared by runs over the same data)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else work_dir.parent / ".cache" / "vlmtune"
 
 
 def build_table(cfg: DataConfig, tokenizer, image_length: int, cache_dir: str | Path):

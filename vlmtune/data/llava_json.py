@@ -14,7 +14,7 @@ import contextlib
 import json
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ class Sample:
     images: list[str]
     turns: list[tuple[str, str]]
     system: str = ""
+    # what normalisation changed that the user may not expect: [(kind, detail)], reported by `data check`
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
 
 class JSONSyntaxError(UserError):
@@ -362,6 +364,7 @@ def normalize_record(raw, index: int) -> Sample:
     if not isinstance(messages, list) or not messages:
         raise RecordError("missing_conversations", "`conversations` is missing or not a non-empty list")
     system, turns = _turns(messages)
+    turns, notes = _collapse_repeated_tags(turns, images)
     if any(DEFAULT_IMAGE_TOKEN in answer for _, answer in turns):
         raise RecordError("image_token_in_answer", "an assistant message contains <image>; images belong in human messages")
     n_tokens = sum(user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns)
@@ -376,7 +379,22 @@ def normalize_record(raw, index: int) -> Sample:
     record_id = str(index) if raw.get("id") is None else str(raw.get("id"))
     for where, text in [("`id`", record_id), *(("`image`", p) for p in images)]:
         check_unicode(text, where)
-    return Sample(id=record_id, images=images, turns=turns, system=system)
+    return Sample(id=record_id, images=images, turns=turns, system=system, notes=notes)
+
+
+def _collapse_repeated_tags(turns: list[tuple[str, str]], images: list[str]) -> tuple[list, list[tuple[str, str]]]:
+    """A one-image record with several `<image>` in one human turn trains as LLaVA's `preprocess_multimodal`
+    and XTuner's `llava_map_fn` make it: every tag of the message removed, one `<image>\n` put in front.
+    Tags spread over several turns, or any other count mismatch, stay an error (see `normalize_record`)."""
+    counts = [user.count(DEFAULT_IMAGE_TOKEN) for user, _ in turns]
+    if len(images) != 1 or sum(counts) < 2 or sum(1 for c in counts if c) != 1:
+        return turns, []
+    at = next(i for i, c in enumerate(counts) if c)
+    user, answer = turns[at]
+    collapsed = (DEFAULT_IMAGE_TOKEN + "\n" + user.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+    note = ("image_tokens_collapsed", f"{counts[at]} <image> tags in human turn {at + 1} for one image: trained "
+            "with one, as LLaVA and XTuner do")
+    return [*turns[:at], (collapsed, answer), *turns[at + 1:]], [note]
 
 
 def check_unicode(text: str, where: str) -> None:

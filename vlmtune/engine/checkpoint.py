@@ -111,7 +111,7 @@ def load_trained_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Con
         raise UserError(f"{path}: checkpoint not found")
     payload = safe_load(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return payload["state_dict"], config_from_text(payload["config_text"], payload["config_name"])
+        return payload["state_dict"], config_from_text(payload["config_text"], str(path), payload["config_name"])
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return payload, None  # a bare state dict (e.g. a projector exported by another tool)
     raise UserError(f"{path}: not a vlmtune checkpoint (no 'state_dict'); pass iter_N.pth or a ZeRO folder")
@@ -126,7 +126,7 @@ def _load_zero_dir(path: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
     payload = safe_load(states)
     if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
         raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
-    config = config_from_text(payload["config_text"], payload["config_name"]) if "config_text" in payload else None
+    config = config_from_text(payload["config_text"], str(states), payload["config_name"]) if "config_text" in payload else None
     # "module" also holds the frozen 4-bit weights' quantization state (absmax, quant_map, ... of a QLoRA LLM);
     # "param_shapes" names the parameters the optimizer trained, which is what iter_N.pth holds
     trained = {name for group in payload["param_shapes"] for name in group}

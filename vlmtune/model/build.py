@@ -13,6 +13,7 @@ from vlmtune.errors import UserError
 from vlmtune.model.llava import LlavaModel
 from vlmtune.model.peft import add_lora
 from vlmtune.model.projector import Projector
+from vlmtune.paths import require_model_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -96,6 +97,7 @@ def _without_quantization(cfg: ModelConfig) -> ModelConfig:
 
 def _from_pretrained(cls, path: str, **kwargs):
     """`cls.from_pretrained` with a one-line error for a missing folder or hub id."""
+    require_model_folder(path, f"cannot load {cls.__name__} from")
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: a missing optional kernel (flash-attn)

@@ -26,6 +26,11 @@ from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlmtune.model.projector import Projector
 
 
+def image_tokens(vision_config) -> int:
+    """Feature rows one image becomes: the encoder's patches, CLS dropped (576 for CLIP-L/336)."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
 class LlavaModel(nn.Module):
     """Composition of the three parts; `forward` returns the summed token loss and the token count.
 
@@ -43,6 +48,11 @@ class LlavaModel(nn.Module):
         # the LLM is transformers' own class, not remote code: it takes `logits_to_keep` (the loss pass runs the
         # LM head only at target positions) and `cache=` (Generator.generate_shared prefills shared prefixes)
         self.transformers_llm = transformers_llm
+
+    @property
+    def image_length(self) -> int:
+        """Sequence positions each image takes after the splice."""
+        return image_tokens(self.visual_encoder.config)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
