@@ -22,7 +22,7 @@ from eval.mmbench_tsv import base_questions, jpeg_b64, write_tsv
 
 from vlmtune.cli import main as cli
 from vlmtune.config import config_from_text, read_literal_assignments
-from vlmtune.engine.checkpoint import DS_TAG, FORMAT
+from vlmtune.weights import DS_TAG
 from vlmtune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmtune.engine.checkpoint import load_trained_weights
+from vlmtune.weights import load_trained_weights
 
 pytestmark = pytest.mark.slow
 

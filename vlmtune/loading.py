@@ -17,15 +17,17 @@ import torch
 
 from vlmtune.config import Config, ModelConfig, config_from_text
 from vlmtune.convert import keymaps
-from vlmtune.convert.pth_to_hf import CONFIG_FILE, rename
+from vlmtune.convert.pth_to_hf import CONFIG_FILE
 from vlmtune.data.image import ImagePreprocessor
-from vlmtune.engine.checkpoint import safe_load
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
-from vlmtune.model.build import _from_pretrained, load_image_processor, load_llm, load_tokenizer, resolve_dtype
+from vlmtune.model.build import (load_image_processor, load_llm, load_pretrained_model, load_tokenizer, load_vision_encoder,
+                                 resolve_dtype)
 from vlmtune.model.llava import LlavaModel
+from vlmtune.model.peft import load_adapter
 from vlmtune.model.projector import Projector
+from vlmtune.weights import read_weights_file, rename
 
 
 def load_generator(args) -> Generator:
@@ -80,9 +82,7 @@ def _select_layer(args, cfg: Config | None) -> int:
 
 def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype, device: torch.device):
     """(LlavaModel, tokenizer, image processor) from the LLM, adapters, CLIP and projector folders."""
-    from peft import PeftModel
-    from transformers import CLIPVisionModel
-
+    _check_llm_at_root(args.model_name_or_path, llava)
     llm_adapter = llava / keymaps.LLM_ADAPTER_DIR
     if args.adapter and llm_adapter.is_dir():
         raise UserError(f"--adapter and {llm_adapter} both give an LLM adapter; pass one")
@@ -91,15 +91,27 @@ def _load_parts(args, llava: Path, cfg: Config | None, dtype: torch.dtype, devic
     llm = load_llm(llm_cfg, dtype, device_map={"": str(device)} if quantization else None)
     adapter = args.adapter or (str(llm_adapter) if llm_adapter.is_dir() else None)
     if adapter:
-        llm = PeftModel.from_pretrained(llm, adapter)
+        llm = load_adapter(llm, adapter)
     clip_path = _visual_encoder_path(args, llava, cfg)
-    clip = _from_pretrained(CLIPVisionModel, clip_path, dtype=dtype)
+    clip = load_vision_encoder(clip_path, dtype)
     if (llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR).is_dir():
-        clip = PeftModel.from_pretrained(clip, str(llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR))
+        clip = load_adapter(clip, llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR, keymaps.CLIP_VISION_ADAPTER)
     projector = load_projector(llava / keymaps.PROJECTOR_DIR, dtype)
     model = LlavaModel(llm, clip, projector, _select_layer(args, cfg), transformers_llm=not args.trust_remote_code)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     return model, tokenizer, load_image_processor(clip_path)
+
+
+def _check_llm_at_root(llm: str, llava: Path) -> None:
+    """A --llava folder with a fully trained LLM at its root (convert's xtuner layout of a full finetune) must
+    be the LLM too: another LLM argument would run that untrained model with the trained projector."""
+    root = llava / "config.json"
+    if not root.is_file() or not any(llava.glob("*.safetensors")) and not any(llava.glob("pytorch_model*.bin")):
+        return
+    if Path(llm).is_dir() and Path(llm).resolve() == llava.resolve():
+        return
+    raise UserError(f"--llava {llava} holds the trained LLM at its root, but the LLM argument is {llm}; pass the folder "
+                    f"as the LLM too: `vlmtune chat {llava} --llava {llava} ...`")
 
 
 def _llava_folder(path: str | None) -> Path:
@@ -129,19 +141,17 @@ def _visual_encoder_path(args, llava: Path, cfg: Config | None) -> str:
 
 
 def load_projector(folder: Path, dtype: torch.dtype) -> Projector:
-    """A projector/ folder (ours or XTuner's: same config keys and weight names) as our Projector."""
-    from safetensors.torch import load_file
-
+    """A projector/ folder (ours or XTuner's: same config keys and weight names) as our Projector; its
+    model code (XTuner's configuration_/modeling_projector.py) is never imported."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != keymaps.PROJECTOR_MODEL_TYPE or config.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"{folder}: not a LLaVA gelu projector (model_type {config.get('model_type')!r})")
     projector = Projector(config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config.get("bias", True))
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        state = load_file(str(weights))
-    else:
-        state = safe_load(folder / "pytorch_model.bin")
-    projector.load_state_dict(state)  # keymaps.XTUNER_PROJECTOR: the folder's names are the module's own
+    state = read_weights_file(folder)  # keymaps.XTUNER_PROJECTOR: the folder's names are the module's own
+    missing, unexpected = projector.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{folder}: weights do not fit its config.json (missing {sorted(missing)[:3]}, unexpected "
+                        f"{sorted(unexpected)[:3]}); re-convert the checkpoint")
     return projector.to(dtype)
 
 
@@ -165,7 +175,7 @@ def _load_hf_llava(args, folder: Path, dtype: torch.dtype):
     if args.bits is not None or args.adapter or args.llava or args.visual_encoder:
         raise UserError(f"{folder} is a complete huggingface-layout model: --bits, --adapter, --llava and "
                         "--visual-encoder do not apply to it")
-    hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+    hf = load_pretrained_model(LlavaForConditionalGeneration, str(folder), dtype=dtype)  # every tensor in the folder
     config = hf.config
     if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
         raise UserError(f"{folder}: only vision_feature_select_strategy 'default' with one feature layer is supported")

@@ -46,11 +46,11 @@ def check_config_paths(cfg) -> None:
     `cfg` is a vlmtune.config.Config."""
     require_model_folder(cfg.model.llm_name_or_path, "llm_name_or_path")
     require_model_folder(cfg.model.visual_encoder_name_or_path, "visual_encoder_name_or_path")
-    checks = [(cfg.data.data_path, "data_path", Path.exists), (cfg.data.image_folder, "image_folder", Path.is_dir)]
+    checks = [(cfg.data.data_path, "data_path", Path.is_file, "data file"),
+              (cfg.data.image_folder, "image_folder", Path.is_dir, "folder")]
     if cfg.train.pretrained_pth:
-        checks.append((cfg.train.pretrained_pth, "pretrained_pth", Path.exists))
-    for value, key, exists in checks:
+        checks.append((cfg.train.pretrained_pth, "pretrained_pth", Path.exists, "checkpoint"))
+    for value, key, exists, what in checks:
         path = Path(value).expanduser()
         if not exists(path):
-            raise UserError(f"{cfg.path}: {key} {value}: no such {'folder' if exists is Path.is_dir else 'file'}"
-                            f"{_make_tiny_hint(path)}")
+            raise UserError(f"{value}: {what} not found; check `{key}` in the config{_make_tiny_hint(path)}")

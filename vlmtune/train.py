@@ -27,6 +27,7 @@ from vlmtune.engine.trainer import TrainState, fit, lr_lambda
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
 from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
+from vlmtune.weights import load_into_model, load_trained_weights
 
 
 def main(args) -> int:
@@ -65,7 +66,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     logger.info(f"config {cfg.path} -> work dir {work_dir}, {info.world_size} process(es) on {info.device}")
 
     # read a previous stage's weights first: a bad or hostile file stops the run before anything is built
-    pretrained = checkpoint.load_trained_weights(cfg.train.pretrained_pth)[0] if cfg.train.pretrained_pth else None
+    pretrained = load_trained_weights(cfg.train.pretrained_pth)[0] if cfg.train.pretrained_pth else None
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
     preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
                                    cfg.data.image_preprocess)
@@ -146,7 +147,7 @@ def _preflight(cfg: Config, report) -> None:
 
 def _load_pretrained(model, state_dict: dict, path: str, logger) -> None:
     """Load a previous stage's trained weights (pretrain projector, ...) and say what it covered."""
-    uncovered = checkpoint.load_into_model(model, state_dict, path)
+    uncovered = load_into_model(model, state_dict, path)
     logger.info(f"pretrained_pth {path}: loaded {len(state_dict)} tensors; "
                 f"{len(uncovered)} trainable tensors start fresh (e.g. LoRA)" if uncovered else f"pretrained_pth {path}: loaded {len(state_dict)} tensors")
 

@@ -20,7 +20,7 @@ import torch
 
 from vlmtune.cli import main as cli_main
 from vlmtune.config import load_config
-from vlmtune.engine.checkpoint import FORMAT
+from vlmtune.weights import FORMAT
 from vlmtune.model.build import build_model
 
 IMAGE = Path(__file__).resolve().parents[2] / "vlmtune" / "assets" / "example" / "images" / "chelsea.jpg"  # 320x213
@@ -92,7 +92,7 @@ def converted(checkpoint, tmp_path_factory):
 def truth(checkpoint):
     """truth(variant) -> the checkpoint's LlavaModel, loaded the way convert loads it (the reference)."""
     from vlmtune.convert.pth_to_hf import load_trained_model
-    from vlmtune.engine.checkpoint import load_trained_weights
+    from vlmtune.weights import load_trained_weights
 
     made = {}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlmtune.convert import keymaps
-from vlmtune.convert.pth_to_hf import rename
+from vlmtune.weights import rename
 from vlmtune.errors import UserError
 
 OURS = ["llm.model.layers.0.self_attn.q_proj.weight", "llm.lm_head.weight", "visual_encoder.embeddings.class_embedding",

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from convert_helpers import (IMAGE, LOGIT_ATOL, MAX_NEW, chat_generator, chat_tokens, error_line, hf_greedy, one_turn_ids,
+from convert_helpers import (IMAGE, LOGIT_ATOL, chat_generator, chat_tokens, error_line, hf_greedy, one_turn_ids,
                              prompt_logits)
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPImageProcessor
@@ -28,7 +28,8 @@ from vlmtune.data.image import ImagePreprocessor, load_image
 def truth_generator(truth, variant, xtuner_folder):
     """A Generator over the checkpoint's own LlavaModel (tokenizer/template/preprocessing as chat's)."""
     model, cfg = truth(variant)
-    reference = chat_generator(cfg.model.llm_name_or_path, "--llava", str(xtuner_folder))
+    llm = xtuner_folder if (xtuner_folder / "config.json").is_file() else cfg.model.llm_name_or_path  # a full LLM at the root
+    reference = chat_generator(str(llm), "--llava", str(xtuner_folder))
     reference.model = model
     return reference
 

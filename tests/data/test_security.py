@@ -48,7 +48,7 @@ def test_the_payload_really_runs_code_when_loaded_unsafely(tmp_path):
 
 
 def test_a_pickle_with_code_is_refused_by_the_checkpoint_loader(tmp_path):
-    from vlmtune.engine.checkpoint import load_trained_weights
+    from vlmtune.weights import load_trained_weights
 
     path, marker = malicious_pth(tmp_path)
     with pytest.raises(UserError, match="refused to load") as e:

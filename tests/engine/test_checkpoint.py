@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vlmtune.config import load_config
-from vlmtune.engine.checkpoint import (DS_TAG, FORMAT, checkpoint_steps, find_resume, load_into_model,
-                                       load_trained_weights, rotate, safe_load)
+from vlmtune.engine.checkpoint import checkpoint_steps, find_resume, rotate
+from vlmtune.weights import DS_TAG, FORMAT, load_into_model, load_trained_weights, safe_load
 from vlmtune.errors import UserError
 
 

@@ -23,12 +23,12 @@ from vlmtune.config import Config
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.convert import keymaps
 from vlmtune.convert.chat_template import choose_chunk_prefix, jinja_chat_template
-from vlmtune.convert.pth_to_hf import (_prefixed, merged_parts, raw_tokenizer, rename, tokenizer_with_image_token,
-                                      trained_parts)
+from vlmtune.convert.pth_to_hf import _prefixed, merged_parts, raw_tokenizer, tokenizer_with_image_token, trained_parts
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.model.build import load_image_processor
 from vlmtune.model.llava import LlavaModel, image_tokens
+from vlmtune.weights import rename
 
 # CLIPImageProcessor settings carried over to the LlavaImageProcessor of the huggingface layout.
 IMAGE_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",

@@ -6,10 +6,26 @@ Our names are `LlavaModel.state_dict()` names after LoRA is merged (no peft wrap
     projector.model.0.weight, projector.model.2.weight (XTuner's ProjectorModel layout).
 
 Each map is a tuple of (our prefix, their prefix) rules: a key takes the rule with the longest prefix it
-starts with, and a key no rule matches is an error (never silently dropped). `rename` in pth_to_hf applies
-them; reading a layout back applies the same rules with each pair swapped. Causal LMs whose decoder is `model` and head `lm_head`
+starts with, and a key no rule matches is an error (never silently dropped). `weights.rename` applies
+them; reading a layout back applies the same rules with each pair swapped (`weights.rename_either` takes
+either naming). Causal LMs whose decoder is `model` and head `lm_head`
 (Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...) are covered; others fail with the unmatched keys named.
 """
+
+# transformers 4.x (XTuner 0.2, haotian-liu/LLaVA, LLaVA-NeXT) builds CLIPVisionModel with a `vision_model.`
+# level that transformers 5 dropped (5.x still reads it). Folders and checkpoints vlmtune writes carry the
+# level, so XTuner and transformers 4.x read them; vlmtune reads either naming.
+CLIP_VISION_MODEL: tuple[tuple[str, str], ...] = (("", "vision_model."),)  # visual_encoder/, merge --is-clip
+CLIP_VISION_ADAPTER: tuple[tuple[str, str], ...] = (("base_model.model.", "base_model.model.vision_model."),)  # peft files
+
+# XTuner's LLaVAModel.state_dict() (the `state_dict` of its iter_N.pth, the `module` of its DeepSpeed folder):
+# LlavaModel names, LoRA keys with the adapter name (`lora_A.default.weight`), CLIP as transformers 4.x has it.
+XTUNER_STATE_DICT: tuple[tuple[str, str], ...] = (
+    ("visual_encoder.base_model.model.", "visual_encoder.base_model.model.vision_model."),
+    ("visual_encoder.", "visual_encoder.vision_model."),
+    ("llm.", "llm."),
+    ("projector.", "projector."),
+)
 
 # transformers' LlavaForConditionalGeneration as stored on disk by llava-hf's checkpoints and transformers 4:
 # transformers 5 reads these names through its own conversion mapping, so one folder serves both.

@@ -1,7 +1,8 @@
 """`vlmtune convert merge BASE ADAPTER SAVE_DIR [--is-clip]`: a peft LoRA adapter merged into its base model.
 
     base (AutoModelForCausalLM, or CLIPVisionModel with --is-clip), loaded fresh in its stored dtype
-        -> PeftModel.from_pretrained(adapter) -> merge_and_unload -> save + tokenizer (or image processor)
+        -> model.peft.load_adapter (every adapter key placed; CLIP adapters in either transformers naming)
+        -> merge_and_unload -> save (CLIP with transformers 4.x's `vision_model.` level) + tokenizer or processor
 The base is always loaded fresh and unquantized: merging into a 4-bit model that already ran a forward pass
 on CPU gives wrong weights (bitsandbytes repacks them), and a merged model is meant to be full precision.
 """
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from vlmtune.convert import keymaps
 from vlmtune.errors import UserError
+from vlmtune.weights import save_model_renamed
 
 
 def main(args) -> int:
@@ -19,7 +22,10 @@ def main(args) -> int:
     merged, processor = merge_adapter(args.model_name_or_path, args.adapter_name_or_path, args.is_clip,
                                       args.device, args.trust_remote_code)
     save_dir = Path(args.save_dir)
-    merged.save_pretrained(save_dir, max_shard_size=args.max_shard_size)
+    if args.is_clip:  # with transformers 4.x's `vision_model.` level, which XTuner, LLaVA and transformers 5 read
+        save_model_renamed(merged, save_dir, keymaps.CLIP_VISION_MODEL, args.max_shard_size)
+    else:
+        merged.save_pretrained(save_dir, max_shard_size=args.max_shard_size)
     processor.save_pretrained(save_dir)
     print(f"merged {args.adapter_name_or_path} into {args.model_name_or_path}: {save_dir}")
     return 0
@@ -27,10 +33,11 @@ def main(args) -> int:
 
 def merge_adapter(base: str, adapter: str, is_clip: bool, device: str = "cpu", trust_remote_code: bool = False):
     """(merged model, its tokenizer or image processor)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vlmtune.model.build import _from_pretrained, load_image_processor
+    from vlmtune.model.peft import load_adapter
+
+    from vlmtune.model.build import from_pretrained, load_image_processor, load_pretrained_model, load_vision_encoder
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
@@ -38,15 +45,15 @@ def merge_adapter(base: str, adapter: str, is_clip: bool, device: str = "cpu", t
         raise UserError("--device cuda: no GPU is visible")
     device_map = {"": "cuda"} if device == "cuda" else device
     if is_clip:
-        model = _from_pretrained(CLIPVisionModel, base, dtype="auto", device_map=device_map)
+        model = load_vision_encoder(base, "auto", device_map=device_map)
         processor = load_image_processor(base)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, base, dtype="auto", device_map=device_map,
+        model = load_pretrained_model(AutoModelForCausalLM, base, dtype="auto", device_map=device_map,
                                  trust_remote_code=trust_remote_code)
-        processor = _from_pretrained(AutoTokenizer, base, trust_remote_code=trust_remote_code)
+        processor = from_pretrained(AutoTokenizer, base, trust_remote_code=trust_remote_code)
     try:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-    except (ValueError, KeyError, RuntimeError) as e:
+        model = load_adapter(model, adapter, keymaps.CLIP_VISION_ADAPTER if is_clip else ())
+    except UserError as e:
         kind = "CLIP vision encoder" if is_clip else "LLM (pass --is-clip for a CLIP adapter)"
-        raise UserError(f"{adapter} does not fit the {kind} {base}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{adapter} does not fit the {kind} {base}: {e}") from None
     return model.merge_and_unload(), processor

@@ -20,14 +20,14 @@ from vlmtune.convert import keymaps
 from vlmtune.errors import UserError
 from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
 from vlmtune.model.llava import LlavaModel
+from vlmtune.model.peft import save_adapter
+from vlmtune.weights import load_into_model, load_trained_weights, rename, save_model_renamed
 
 CONFIG_FILE = "vlmtune_config.py"
 
 
 def main(args) -> int:
     """CLI entry: load, convert, save in `--save-format`."""
-    from vlmtune.engine.checkpoint import load_trained_weights  # imports DeepSpeed: only when converting
-
     state_dict, saved_cfg = load_trained_weights(args.pth)
     cfg = load_config(args.config) if args.config else saved_cfg
     if cfg is None:
@@ -50,8 +50,6 @@ def main(args) -> int:
 
 def load_trained_model(cfg: Config, state_dict: dict, source: str, dtype: torch.dtype) -> LlavaModel:
     """The config's model in full precision (`dtype`) with the checkpoint's trained weights loaded."""
-    from vlmtune.engine.checkpoint import load_into_model
-
     model_cfg = dataclasses.replace(cfg.model, torch_dtype=str(dtype).removeprefix("torch."))
     model = build_model(model_cfg, for_training=False, quantize=False)
     uncovered = load_into_model(model, state_dict, source)
@@ -82,15 +80,16 @@ def save_xtuner(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: 
     """XTuner's released layout: adapters or full parts as their own folders, projector/ with its model code."""
     parts = trained_parts(cfg)
     if parts["llm"] == "lora":
-        model.llm.save_pretrained(save_dir / keymaps.LLM_ADAPTER_DIR)
+        save_adapter(model.llm, save_dir / keymaps.LLM_ADAPTER_DIR)
     elif parts["llm"] == "full":
         model.llm.save_pretrained(save_dir, max_shard_size=max_shard_size)
         raw_tokenizer(cfg).save_pretrained(save_dir)
+    # CLIP's weights and adapter with transformers 4.x's `vision_model.` level: XTuner's chat reads them
     if parts["visual_encoder"] == "lora":
-        model.visual_encoder.save_pretrained(save_dir / keymaps.VISUAL_ENCODER_ADAPTER_DIR)
+        save_adapter(model.visual_encoder, save_dir / keymaps.VISUAL_ENCODER_ADAPTER_DIR, keymaps.CLIP_VISION_ADAPTER)
     elif parts["visual_encoder"] == "full":
         folder = save_dir / keymaps.VISUAL_ENCODER_DIR
-        model.visual_encoder.save_pretrained(folder, max_shard_size=max_shard_size)
+        save_model_renamed(model.visual_encoder, folder, keymaps.CLIP_VISION_MODEL, max_shard_size)
         load_image_processor(cfg.model.visual_encoder_name_or_path).save_pretrained(folder)
     save_projector(model, save_dir / keymaps.PROJECTOR_DIR)
 
@@ -114,21 +113,6 @@ def save_projector(model: LlavaModel, folder: Path) -> None:
 # ---- shared by the merged layouts ---------------------------------------------------------------------------
 
 
-def rename(state_dict: dict[str, torch.Tensor], rules, reverse: bool = False) -> dict[str, torch.Tensor]:
-    """Keys renamed by the longest matching (ours, theirs) prefix rule of keymaps.py (theirs -> ours with
-    `reverse`); a key no rule matches is an error."""
-    pairs = [(b, a) if reverse else (a, b) for a, b in rules]
-    pairs.sort(key=lambda pair: len(pair[0]), reverse=True)
-    out = {}
-    for key, value in state_dict.items():
-        match = next(((src, dst) for src, dst in pairs if key.startswith(src)), None)
-        if match is None:
-            raise UserError(f"no key map rule for weight {key!r}: this LLM's module names are not supported "
-                            "by this layout (--save-format xtuner takes any LLM)")
-        out[match[1] + key[len(match[0]):]] = value
-    return out
-
-
 def _prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in module.state_dict().items()}
 
@@ -147,9 +131,9 @@ def raw_tokenizer(cfg: Config):
     """The LLM's tokenizer exactly as it is stored (no pad token borrowed), to save beside full weights."""
     from transformers import AutoTokenizer
 
-    from vlmtune.model.build import _from_pretrained
+    from vlmtune.model.build import from_pretrained
 
-    return _from_pretrained(AutoTokenizer, cfg.model.llm_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    return from_pretrained(AutoTokenizer, cfg.model.llm_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def tokenizer_with_image_token(cfg: Config, llm):

@@ -1,29 +1,29 @@
 """Checkpoints: what was trained, how to resume, and loading either safely.
 
 A checkpoint at step N is two things in the work dir:
-    iter_N.pth   a file: {"format", "state_dict" (trained parameters only, LlavaModel parameter names),
+    iter_N.pth   a file: {"format", "state_dict" (trained parameters only, LlavaModel parameter names as XTuner
+                 writes them: keymaps.XTUNER_STATE_DICT),
                  "config_text", "config_name", "step", "trainer_state"}; what convert and pretrained_pth read
     iter_N.ds/   DeepSpeed's ZeRO checkpoint of the same step (optimizer shards, LR scheduler, per-rank RNG)
 The .ds folder is written first under a temporary name and renamed; iter_N.pth is written last through a
 temporary file and os.replace, so a crash mid-save never leaves a file that looks valid. Everything is read
-with torch.load(weights_only=True): a .pth from the internet cannot run code here.
+with torch.load(weights_only=True) (vlmtune/weights.py reads iter_N.pth for convert and pretrained_pth):
+a .pth from the internet cannot run code here.
 """
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from vlmtune.config import Config, config_from_text
+from vlmtune.config import Config
+from vlmtune.convert import keymaps
 from vlmtune.engine.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
-
-FORMAT = "vlmtune-ckpt-v1"
-DS_TAG = "ckpt"
+from vlmtune.weights import DS_TAG, FORMAT, rename, safe_load
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
 
@@ -55,7 +55,8 @@ def save_checkpoint(engine, model, work_dir: Path, step: int, trainer_state: dic
         if ds_dir.exists():
             shutil.rmtree(ds_dir)
         os.replace(tmp_dir, ds_dir)
-        payload = {"format": FORMAT, "state_dict": state, "config_text": cfg.text, "config_name": cfg.name,
+        # XTuner's names (CLIP with transformers 4.x's `vision_model.` level): its pth_to_hf reads this file too
+        payload = {"format": FORMAT, "state_dict": rename(state, keymaps.XTUNER_STATE_DICT), "config_text": cfg.text, "config_name": cfg.name,
                    "step": step, "trainer_state": trainer_state}
         torch.save(payload, pth.with_suffix(".pth.tmp"))
         os.replace(pth.with_suffix(".pth.tmp"), pth)
@@ -91,67 +92,6 @@ def find_resume(work_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def safe_load(path: Path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True; anything that needs code to unpickle is refused."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load: the file contains pickled code or objects, not only weights "
-                        f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None
-    except (RuntimeError, EOFError) as e:
-        raise UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
-
-
-def load_trained_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | None]:
-    """(trained parameters, saved config) from an iter_N.pth file or a DeepSpeed ZeRO checkpoint folder."""
-    path = Path(path)
-    if path.is_dir():
-        return _load_zero_dir(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    payload = safe_load(path)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return payload["state_dict"], config_from_text(payload["config_text"], str(path), payload["config_name"])
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload, None  # a bare state dict (e.g. a projector exported by another tool)
-    raise UserError(f"{path}: not a vlmtune checkpoint (no 'state_dict'); pass iter_N.pth or a ZeRO folder")
-
-
-def _load_zero_dir(path: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
-    """Trained weights from DeepSpeed's model-states file (saved with exclude_frozen_parameters)."""
-    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else DS_TAG
-    states = path / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise UserError(f"{path}: not a DeepSpeed checkpoint folder (no {tag}/mp_rank_00_model_states.pt)")
-    payload = safe_load(states)
-    if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
-        raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
-    config = config_from_text(payload["config_text"], str(states), payload["config_name"]) if "config_text" in payload else None
-    # "module" also holds the frozen 4-bit weights' quantization state (absmax, quant_map, ... of a QLoRA LLM);
-    # "param_shapes" names the parameters the optimizer trained, which is what iter_N.pth holds
-    trained = {name for group in payload["param_shapes"] for name in group}
-    return {k: v for k, v in payload["module"].items() if k in trained}, config
-
-
-def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Copy `state_dict` into `model`; error on unknown keys, return trainable params it did not cover."""
-    params = dict(model.named_parameters())
-    unexpected = [k for k in state_dict if k not in params]
-    if unexpected:
-        raise UserError(f"{source}: {len(unexpected)} weights do not fit this model (first: {unexpected[0]!r}); "
-                        "was it trained with a different config (LoRA settings, LLM, projector depth)?")
-    wrong = [k for k, v in state_dict.items() if v.shape != params[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise UserError(f"{source}: {len(wrong)} weights have other shapes than this model's (first: {k!r} "
-                        f"{tuple(state_dict[k].shape)} vs {tuple(params[k].shape)}); it was trained with a different "
-                        "config (LoRA rank, LLM, projector): use the config saved with the checkpoint")
-    with torch.no_grad():
-        for name, value in state_dict.items():
-            params[name].copy_(value.to(params[name].dtype))
-    return [n for n, p in params.items() if p.requires_grad and n not in state_dict]
-
-
 def load_resume_state(engine, pth: Path, info: DistInfo) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; return trainer_state."""
     ds_dir = pth.with_suffix(".ds")
@@ -174,8 +114,7 @@ def deepspeed_safe_load(path: str, map_location=None) -> dict:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-        return safe_load(Path(path), map_location)
+    return safe_load(Path(path), map_location, allowed=[LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
 
 
 def _rng_state() -> dict:

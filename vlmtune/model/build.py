@@ -31,7 +31,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
     """The LLM's tokenizer; a pad token is borrowed from EOS/UNK when the tokenizer has none."""
-    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -40,7 +40,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
 
 def load_image_processor(path: str) -> CLIPImageProcessor:
     """The CLIP encoder's image processor (saved beside the encoder, as on the hub)."""
-    return _from_pretrained(CLIPImageProcessor, path)
+    return from_pretrained(CLIPImageProcessor, path)
 
 
 def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
@@ -60,7 +60,12 @@ def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
             llm_int8_threshold=6.0,
         )
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
-    return _from_pretrained(AutoModelForCausalLM, cfg.llm_name_or_path, **kwargs)
+    return load_pretrained_model(AutoModelForCausalLM, cfg.llm_name_or_path, **kwargs)
+
+
+def load_vision_encoder(path: str, dtype, **kwargs) -> CLIPVisionModel:
+    """The CLIP vision tower of a vision-only or a whole CLIP checkpoint (its text tower is not used)."""
+    return load_pretrained_model(CLIPVisionModel, path, VISION_UNUSED_PREFIXES, dtype=dtype, **kwargs)
 
 
 def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = True) -> LlavaModel:
@@ -69,7 +74,7 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
     dtype = resolve_dtype(cfg.torch_dtype)
     llm_cfg = cfg if quantize else _without_quantization(cfg)
     llm = load_llm(llm_cfg, dtype)
-    visual_encoder = _from_pretrained(CLIPVisionModel, cfg.visual_encoder_name_or_path, dtype=dtype)
+    visual_encoder = load_vision_encoder(cfg.visual_encoder_name_or_path, dtype)
     projector = Projector(
         visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, depth=cfg.projector_depth
     ).to(dtype)
@@ -95,11 +100,38 @@ def _without_quantization(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, quantization=None)
 
 
-def _from_pretrained(cls, path: str, **kwargs):
-    """`cls.from_pretrained` with a one-line error for a missing folder or hub id."""
+# Weights a vision checkpoint may hold that the vision tower does not use: the text tower, projections and
+# logit scale of a full CLIP/SigLIP checkpoint (openai/clip-vit-large-patch14-336 is a whole CLIPModel).
+VISION_UNUSED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
+def from_pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained` (a tokenizer, processor or config) with a one-line error for a missing folder or
+    hub id."""
     require_model_folder(path, f"cannot load {cls.__name__} from")
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:  # ImportError: a missing optional kernel (flash-attn)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {cls.__name__} from {path!r}: {first}") from None
+
+
+def load_pretrained_model(cls, path: str, unused_prefixes: tuple[str, ...] = (), **kwargs):
+    """A model by `cls.from_pretrained`, with every weight of the model found in the folder and every weight
+    of the folder used (but for `unused_prefixes`). transformers only warns about either and initialises the
+    missing weights at random, which silently gives a different model."""
+    model, info = from_pretrained(cls, path, output_loading_info=True, **kwargs)
+    check_loading_info(info, f"{path} ({type(model).__name__})", unused_prefixes)
+    return model
+
+
+def check_loading_info(info: dict, source: str, unused_prefixes: tuple[str, ...] = ()) -> None:
+    """A user error naming the first missing / unexpected / wrongly shaped weights of a `from_pretrained`."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(unused_prefixes))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing or unexpected or mismatched:
+        parts = [f"{len(v)} {name} (first: {', '.join(v[:3])})"
+                 for name, v in (("missing", missing), ("unexpected", unexpected), ("with other shapes", mismatched)) if v]
+        raise UserError(f"{source}: weights do not match the model: {'; '.join(parts)}; the folder holds an incomplete "
+                        "or different model: re-download or re-convert it")

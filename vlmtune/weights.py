@@ -1,0 +1,178 @@
+"""Reading weights from files that came from elsewhere: nothing in them runs, and no key is dropped.
+
+Everything is read with torch's weights-only unpickler or safetensors. The files read here:
+    iter_N.pth (vlmtune)      {"format", "state_dict", "config_text", "config_name", "step", "trainer_state"}
+    iter_N.pth (XTuner/mmengine, one file)  {"meta" (meta["cfg"]: XTuner's Python config), "state_dict",
+                              "message_hub" (mmengine HistoryBuffers, numpy arrays), "optimizer", "param_schedulers"}
+    iter_N.ds/ckpt/ (vlmtune) and iter_N.pth/ (XTuner under DeepSpeed): DeepSpeed's mp_rank_00_model_states.pt,
+                              {"module", "param_shapes", ..., + the client state of either tool}
+    a bare {name: tensor} file, weight folders (safetensors, sharded or not, or pytorch_model.bin)
+The objects of mmengine's logging state are never built: each global the XTuner files reference besides
+tensors is replaced by an inert stand-in (`_Discarded`), so neither mmengine, numpy nor `getattr` runs. A
+config stored with a checkpoint is data (config.config_from_text); XTuner's Python config is not read at all.
+
+Names: trained weights are returned by LlavaModel parameter name. Both vlmtune's and XTuner's names are read
+(keymaps.XTUNER_STATE_DICT: XTuner's transformers 4.x CLIP has a `vision_model.` level), by `rename_either`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from vlmtune.config import Config, config_from_text
+from vlmtune.convert import keymaps
+from vlmtune.errors import UserError
+
+FORMAT = "vlmtune-ckpt-v1"
+DS_TAG = "ckpt"  # the tag of vlmtune's DeepSpeed folders: iter_N.ds/ckpt/
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class _Discarded:
+    """Stands in for every non-tensor object of an XTuner checkpoint's logging state: built from the pickle's
+    data without running anything, then dropped with the rest of `message_hub`."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _discard(*args, **kwargs) -> _Discarded:
+    return _Discarded()
+
+
+# The globals an mmengine/XTuner iter_N.pth references besides torch's own (found by reading the real files
+# with torch.serialization.get_unsafe_globals_in_checkpoint; numpy 1.x and 2.x spell numpy's module apart).
+_XTUNER_LOGGING_GLOBALS = [
+    (_Discarded, "mmengine.logging.history_buffer.HistoryBuffer"), (_Discarded, "numpy.ndarray"),
+    (_discard, "numpy.dtype"), (_discard, "builtins.getattr"),
+    *((_discard, f"numpy.{core}.multiarray.{name}") for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+]
+
+
+def safe_load(path: Path, map_location="cpu", allowed: list = ()) -> dict:
+    """torch.load with weights_only=True (plus the `allowed` globals); anything needing code is refused."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load: the file contains pickled code or objects, not only weights "
+                        f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None
+    except (RuntimeError, EOFError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_weights_file(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_model")) -> dict[str, torch.Tensor]:
+    """All tensors of a weights folder: `<stem>.safetensors` (or its sharded index), else `<stem>.bin`."""
+    from safetensors.torch import load_file
+
+    for stem in stems:
+        if (folder / f"{stem}.safetensors").is_file():
+            return load_file(str(folder / f"{stem}.safetensors"))
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(folder / Path(shard).name)).items()}
+    for stem in stems:
+        if (folder / f"{stem}.bin").is_file():
+            return safe_load(folder / f"{stem}.bin")
+    raise UserError(f"{folder}: no weights ({' / '.join(f'{s}.safetensors' for s in stems)} or .bin)")
+
+
+def rename(state_dict: dict[str, torch.Tensor], rules, reverse: bool = False) -> dict[str, torch.Tensor]:
+    """Keys renamed by the longest matching (ours, theirs) prefix rule of keymaps.py (theirs -> ours with
+    `reverse`); a key no rule matches is an error."""
+    pairs = [(b, a) if reverse else (a, b) for a, b in rules]
+    pairs.sort(key=lambda pair: len(pair[0]), reverse=True)
+    out = {}
+    for key, value in state_dict.items():
+        match = next(((src, dst) for src, dst in pairs if key.startswith(src)), None)
+        if match is None:
+            raise UserError(f"no key map rule for weight {key!r}: this model's module names are not supported "
+                            "by this layout (--save-format xtuner takes any LLM)")
+        out[match[1] + key[len(match[0]):]] = value
+    return out
+
+
+def rename_either(state_dict: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """Keys in either naming of `rules` (ours or theirs) -> ours; a key neither side knows is an error."""
+    return rename(state_dict, [*((theirs, ours) for ours, theirs in rules), *((ours, ours) for ours, _ in rules)])
+
+
+def save_model_renamed(model, folder: Path, rules, max_shard_size: str = "2GB") -> None:
+    """`model.save_pretrained`, with the weights' keys renamed by `rules` (a CLIP vision tower is written with
+    transformers 4.x's `vision_model.` level, keymaps.CLIP_VISION_MODEL, so XTuner and LLaVA read it)."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in rename(model.state_dict(), rules).items()}
+    save_torch_state_dict(state, str(folder), max_shard_size=max_shard_size)
+
+
+# ---- trained weights (iter_N.pth, DeepSpeed folders) -------------------------------------------------------
+
+
+def load_trained_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config | None]:
+    """(trained parameters by LlavaModel name, saved config or None) from a checkpoint file or a DeepSpeed
+    folder written by vlmtune or XTuner."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_zero_dir(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    payload = safe_load(path, allowed=_XTUNER_LOGGING_GLOBALS)
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        config = config_from_text(payload["config_text"], str(path), payload["config_name"])
+        return rename_either(payload["state_dict"], keymaps.XTUNER_STATE_DICT), config
+    if isinstance(payload, dict) and "meta" in payload and isinstance(payload.get("state_dict"), dict):
+        return rename_either(payload["state_dict"], keymaps.XTUNER_STATE_DICT), None  # XTuner: config not read
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload, None  # a bare state dict (e.g. a projector exported by another tool)
+    raise UserError(f"{path}: not a vlmtune checkpoint nor an XTuner one (no 'state_dict'); pass iter_N.pth or a ZeRO folder")
+
+
+def _load_zero_dir(path: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
+    """Trained weights from DeepSpeed's model-states file (saved with exclude_frozen_parameters): vlmtune's
+    iter_N.ds/ (tag folder `ckpt` or the one `latest` names) or XTuner's iter_N.pth/ (the tag folder itself)."""
+    if (path / MODEL_STATES).is_file():
+        states = path / MODEL_STATES
+    else:
+        tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else DS_TAG
+        states = path / tag / MODEL_STATES
+    if not states.is_file():
+        if any(path.rglob("*_model_states.pt")):
+            raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
+        raise UserError(f"{path}: not a DeepSpeed checkpoint folder (no {MODEL_STATES})")
+    payload = safe_load(states, allowed=_XTUNER_LOGGING_GLOBALS)
+    if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
+    config = config_from_text(payload["config_text"], str(states), payload["config_name"]) if "config_text" in payload else None
+    # "module" also holds the frozen 4-bit weights' quantization state (absmax, quant_map, ... of a QLoRA LLM);
+    # "param_shapes" names the parameters the optimizer trained, which is what iter_N.pth holds
+    trained = {name for group in payload["param_shapes"] for name in group}
+    return rename_either({k: v for k, v in payload["module"].items() if k in trained}, keymaps.XTUNER_STATE_DICT), config
+
+
+def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy `state_dict` into `model`; error on unknown keys, return trainable params it did not cover."""
+    params = dict(model.named_parameters())
+    unexpected = [k for k in state_dict if k not in params]
+    if unexpected:
+        raise UserError(f"{source}: {len(unexpected)} weights do not fit this model (first: {unexpected[0]!r}); "
+                        "was it trained with a different config (LoRA settings, LLM, projector depth)?")
+    wrong = [k for k, v in state_dict.items() if v.shape != params[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{source}: {len(wrong)} weights have other shapes than this model's (first: {k!r} "
+                        f"{tuple(state_dict[k].shape)} vs {tuple(params[k].shape)}); it was trained with a different "
+                        "config (LoRA rank, LLM, projector): use the config saved with the checkpoint")
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return [n for n, p in params.items() if p.requires_grad and n not in state_dict]
