@@ -264,6 +264,18 @@ def test_zero_folder_and_pth_hold_the_same_weights(pretrain_2ranks, qlora_2ranks
         assert cfg_pth.text == cfg_ds.text and cfg_pth.train.max_steps == step
 
 
+def test_checkpoint_names_trained_weights_as_xtuner_does(qlora_2ranks):
+    """iter_N.pth's state_dict uses XTuner's LLaVAModel names (CLIP LoRA under transformers 4.x's
+    `vision_model.` level, adapter name kept), so XTuner's pth_to_hf reads it; vlmtune reads it back to the
+    module's own names."""
+    raw = torch.load(qlora_2ranks / "iter_10.pth", weights_only=True)["state_dict"]
+    clip = [k for k in raw if k.startswith("visual_encoder.")]
+    assert clip and all(k.startswith("visual_encoder.base_model.model.vision_model.encoder.") for k in clip)
+    assert all(".lora_A.default." in k or ".lora_B.default." in k for k in raw if not k.startswith("projector."))
+    ours = load_trained_weights(qlora_2ranks / "iter_10.pth")[0]
+    assert len(ours) == len(raw) and not any("vision_model" in k for k in ours)
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "lora"])
 def test_split_equivalence(stage, request):
     """1 rank x accumulation 2 == 2 ranks x accumulation 1 (batch 1 each, seed 42, no length grouping).
@@ -388,6 +400,7 @@ def test_two_nodes_train_together(tiny, runs):
 
 
 def test_missing_data_file_exits_2_with_one_line(tiny, tmp_path):
+    """Caught before torchrun or DeepSpeed start (vlmtune/paths.py), so one line even with several ranks."""
     missing = tmp_path / "nowhere.json"
     proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(data_path=missing, max_steps=2))
     assert proc.returncode == 2
@@ -398,13 +411,15 @@ def test_missing_data_file_exits_2_with_one_line(tiny, tmp_path):
 
 
 def test_failing_ranks_fail_the_launch(tiny, tmp_path):
-    """NPROC_PER_NODE=2: each rank meets the missing data file, prints its one-line error and exits 2;
-    torchrun fails, and so does our CLI."""
-    missing = tmp_path / "nowhere.json"
-    proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(data_path=str(missing)), **two_ranks())
+    """NPROC_PER_NODE=2: each rank meets a data file with nothing to train on (found only once the ranks build
+    the dataset; a missing file is caught before launching), prints its one-line error and exits 2; torchrun
+    fails, and so does our CLI."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    proc = run_train("tiny_llava_pretrain", tmp_path / "w", dict(data_path=str(empty)), **two_ranks())
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
-    assert len(errors) == 2 and all(f"{missing}: data file not found" in e for e in errors)
+    assert len(errors) == 2 and all(f"{empty}: no trainable record" in e for e in errors)
 
 
 def test_a_bad_config_fails_once_before_launching(tiny, tmp_path):
