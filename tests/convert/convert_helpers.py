@@ -27,9 +27,10 @@ IMAGE = Path(__file__).resolve().parents[2] / "vlmtune" / "assets" / "example" /
 QUESTION = "What is in the image?"
 MAX_NEW = 12
 # Logit tolerance between two float32 computations of the same model (merged vs unmerged LoRA, our splice vs
-# transformers'): image features here reach ~1e2, and float32 rounding alone moves the logits (max ~0.7) by
-# up to 1.2e-4 (measured against a float64 run). A wrong key, layer or projector moves them by > 1e-2.
-LOGIT_ATOL = 5e-4
+# transformers'): image features here reach ~1e2 and the logits ~3.5 (the tiny LLM is initialised with std 0.1,
+# tiny.INIT_RANGE), and float32 rounding alone moves the logits by up to 9.2e-4 (measured against a float64 run
+# of the `lora` variant). A wrong key, layer or projector moves them by > 1 (a wrong CLIP layer: 5.6).
+LOGIT_ATOL = 3e-3
 
 
 def variant_options(name: str, tiny) -> dict:

@@ -49,9 +49,11 @@ def test_shows_the_ids_labels_and_trained_spans_of_the_training_sample(tiny, tin
 
 
 def test_a_truncated_sample_shows_where_it_was_cut(tiny, tiny_tokenizer, tmp_path, capsys):
+    full = expected(tiny, tiny_tokenizer, 0, 10**9)
+    limit = full.length - 10  # cuts into the last answer (record 0 has two turns)
     out = shown(capsys, "tiny_llava_finetune_lora", "--index", "0", "--work-dir", str(tmp_path / "w"), "--color", "always",
-                "--cfg-options", "max_length=600")
-    full, cut = expected(tiny, tiny_tokenizer, 0, 10**9), expected(tiny, tiny_tokenizer, 0, 600)
-    assert cut.length < full.length
-    assert f"cut at {cut.length} of {full.length} (max_length 600)" in out
+                "--cfg-options", f"max_length={limit}")
+    cut = expected(tiny, tiny_tokenizer, 0, limit)
+    assert cut.length < full.length and cut.trainable
+    assert f"cut at {cut.length} of {full.length} (max_length {limit})" in out
     assert "\033[32m" in out and "cut here by max_length" in out and "[[" not in out

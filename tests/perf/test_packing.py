@@ -75,8 +75,9 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model_config, samples, ti
     assert packed[1] == unpacked[1] > 20  # same targets: the boundary label of sample 3 is not one
     torch.testing.assert_close(packed[0], unpacked[0], rtol=1e-5, atol=1e-4)
     assert unpacked[2].keys() == packed[2].keys() and any(k.startswith("visual_encoder.") for k in packed[2])
-    for name, grad in unpacked[2].items():
-        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for name, grad in unpacked[2].items():  # float32 sums in another order: error relative to the tensor's scale
+        atol = 1e-5 * float(grad.abs().max())
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_sample_does_not_see_its_neighbours(model, samples, tiny_tokenizer):

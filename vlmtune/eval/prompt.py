@@ -26,11 +26,16 @@ def is_cn_string(text: str) -> bool:
 
 def build_prompt(question: Question) -> str:
     """'<image>\\n' + [hint '\\n'] + question + '\\nA. ..' per option + '\\n' + the answer instruction."""
-    text = question.question if question.hint is None else question.hint + "\n" + question.question
-    for letter, option in question.options.items():
+    return mcq_prompt(question.question, question.options, question.hint)
+
+
+def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    """`build_prompt` of a question given by its parts (the synthetic task's training data uses it too)."""
+    text = question if hint is None else hint + "\n" + question
+    for letter, option in options.items():
         text += f"\n{letter}. {option}"
     cn = is_cn_string(text)  # over hint, question and options, as both references check
-    if question.options:
+    if options:
         text += "\n" + (ANSWER_LETTER_CN if cn else ANSWER_LETTER_EN)
     else:
         text += "\n" + (ANSWER_FREE_CN if cn else ANSWER_FREE_EN)
