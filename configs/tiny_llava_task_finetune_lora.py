@@ -4,3 +4,4 @@ freeze_llm = True
 freeze_visual_encoder = True
 llm_lora = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 visual_encoder_lora = dict(r=4, lora_alpha=8, lora_dropout=0.0)
+max_epochs = 5  # LoRA moves less per step than a full finetune: 5 epochs answer the free question too

@@ -3,7 +3,7 @@
 _base_ = ['./tiny_llava_pretrain.py']
 data_path = '{{$VLMTUNE_TINY_DIR:./work_dirs/tiny}}/task/pretrain.json'
 image_folder = '{{$VLMTUNE_TINY_DIR:./work_dirs/tiny}}/task'
-batch_size = 8
+batch_size = 4  # per process: 2 processes (the quickstart) make a global batch of 8
 max_epochs = 1
 lr = 2e-3
 warmup_ratio = 0.05

@@ -1,16 +1,21 @@
-"""The README's main job, end to end: scripts/quickstart.sh on the bundled example (issue #8's integration test).
+"""The README's main job, end to end: scripts/quickstart.sh on the synthetic task of `vlmtune make-tiny`.
 
 It runs every stage a user runs (make-tiny, data check, 2-process ZeRO-2 pretrain and QLoRA finetune, both
-convert layouts, both merges, chat, mmbench) and must leave each artefact where its summary says.
+convert layouts, both merges, chat, mmbench) and must leave each artefact where its summary says; the QLoRA
+model must have learned the task: chat names the held-out shape's colour, and the held-out MMBench accuracy
+clears the threshold of tests/test_learning.py (0.75 of 48 four-option questions; chance 0.25).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from test_learning import THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -22,10 +27,10 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), str(work)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for step in ("1/8", "2/8", "3/8", "4/8", "5/8", "6/8", "7/8", "8/8", "summary"):
+    for step in [f"{i}/9" for i in range(1, 10)] + ["summary"]:
         assert f"== {step}" in proc.stderr
     report = json.loads((work / "data_check.json").read_text())
-    assert report["exit_code"] == 0 and report["blocking"] == {} and report["records"] == report["good"] == 10
+    assert report["exit_code"] == 0 and report["blocking"] == {} and report["records"] == report["good"] == 384
     for stage in ("pretrain", "finetune"):
         assert sorted((work / stage).glob("iter_*.pth")), stage
         assert (work / stage / "loss_curve.png").stat().st_size > 1000
@@ -35,8 +40,11 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert (work / "hf" / "projector" / "config.json").is_file()
     assert (work / "hf_llava" / "config.json").is_file()
     assert (work / "merged_llm" / "config.json").is_file() and (work / "merged_clip" / "config.json").is_file()
-    assert (work / "chat.txt").read_text().strip()  # the tiny random model answers noise, but it answers
+    labels = json.loads((work / "tiny" / "task" / "labels.json").read_text())
+    assert (work / "chat.txt").read_text().strip().lower().rstrip(".") == labels["images/heldout_0000.png"]["colour"]
     (run,) = [p for p in (work / "mmbench").iterdir() if p.is_dir()]
-    acc = (run / "mmbench_dev_en_tiny_acc.csv").read_text()
+    acc = (run / "heldout_mmbench_acc.csv").read_text()
     assert acc.startswith("eval,split,Overall") and "circular" in acc
+    before, after = re.search(r"held-out accuracy +: before finetuning ([\d.]+) +after ([\d.]+)", proc.stdout).groups()
+    assert float(after) >= THRESHOLD and float(after) > float(before)
     assert "finetune checkpoint" in proc.stdout and str(run.name) in proc.stdout

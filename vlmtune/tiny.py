@@ -57,7 +57,8 @@ class TinyPaths:
 
     @property
     def task(self) -> Path:
-        """The synthetic task (`make_task`): pretrain.json, finetune.json, heldout.json, heldout_mmbench.tsv."""
+        """The synthetic task (`make_task`): pretrain.json, finetune.json, heldout.json, heldout_mmbench.tsv,
+        labels.json."""
         return self.root / "task"
 
 
@@ -202,7 +203,7 @@ TASK_OPTIONS = dict(zip("ABCD", COLOURS))  # A. red  B. green  C. blue  D. yello
 def make_task(folder: str | Path, seed: int = 0) -> Path:
     """Write the synthetic task: images/, pretrain.json (captions), finetune.json (multiple-choice and free
     questions about the colour, which only the image gives), heldout.json and heldout_mmbench.tsv (the held-out
-    images as MMBench rows)."""
+    images as MMBench rows), labels.json (each image's colour and shape)."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -216,6 +217,8 @@ def make_task(folder: str | Path, seed: int = 0) -> Path:
     heldout = [_task_record(f"ho{i}", path, colour, rng) for i, (path, _, colour, _) in enumerate(splits["heldout"])]
     for name, records in (("pretrain", pretrain), ("finetune", finetune), ("heldout", heldout)):
         (folder / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    labels = {path: {"colour": colour, "shape": shape} for items in splits.values() for path, _, colour, shape in items}
+    (folder / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
     _write_task_tsv(folder / "heldout_mmbench.tsv", splits["heldout"])
     return folder
 
