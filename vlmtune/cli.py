@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from vlmtune import quiet
 from vlmtune.errors import UserError
 
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="vlmtune", description="Train, convert, chat with and evaluate LLaVA-style models.")
     parser.add_argument("--version", action="version", version=f"vlmtune {importlib.import_module('vlmtune').__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' known start-up notices too (also VLMTUNE_VERBOSE=1; see vlmtune/quiet.py)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="pretrain or finetune from a config (DeepSpeed)")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    quiet.install(args.verbose)  # before transformers, bitsandbytes or DeepSpeed are imported
     args.argv = argv  # `train` re-launches itself through torchrun with the same arguments
     try:
         if args.command == "train":  # decide on torchrun before importing the (heavy) training stack

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from vlmtune.config import CONFIG_DIR, TrainConfig, find_file
 from vlmtune.engine.launch import free_port
 from vlmtune.errors import UserError
+from vlmtune.quiet import printed_lines_dropped
 
 DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
 
@@ -47,7 +48,8 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    with printed_lines_dropped():  # DeepSpeed print()s that its shared-memory op was built
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

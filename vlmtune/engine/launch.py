@@ -47,8 +47,11 @@ def relaunch(argv: list[str]) -> int | None:
             die_with_parent()  # a torchrun worker: stop when torchrun stops
         return None
     print("vlmtune: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    if int(os.environ.get("NPROC_PER_NODE") or 1) > 1:  # torchrun's own default, without its banner about it
+        env.setdefault("OMP_NUM_THREADS", "1")
     try:
-        return subprocess.call(cmd, preexec_fn=die_with_parent)
+        return subprocess.call(cmd, env=env, preexec_fn=die_with_parent)
     except KeyboardInterrupt:
         return 130
 
