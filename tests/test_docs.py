@@ -274,6 +274,6 @@ def test_readme_set_up_commands_are_what_ci_and_the_quickstart_run():
     assert 'source "$ROOT/scripts/setup_env.sh"' in test_sh and "pytest tests" in test_sh
     quickstart = (ROOT / "scripts/quickstart.sh").read_text()
     assert 'source "$ROOT/scripts/setup_env.sh"' in quickstart  # installs into .venv first
-    for step in ("make-tiny", "data check", "train tiny_llava_pretrain", "train tiny_llava_finetune_qlora",
+    for step in ("make-tiny", "data check", "train tiny_llava_task_pretrain", "train tiny_llava_task_finetune_qlora",
                  "convert pth_to_hf", "--save-format huggingface", "convert merge", "--is-clip", "chat", "mmbench"):
         assert f"vlmtune {step}" in quickstart or step in quickstart, step
