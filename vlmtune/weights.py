@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -113,6 +114,45 @@ def save_model_renamed(model, folder: Path, rules, max_shard_size: str = "2GB") 
     model.config.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in rename(model.state_dict(), rules).items()}
     save_torch_state_dict(state, str(folder), max_shard_size=max_shard_size)
+
+
+# Files a tokenizer is made of on the hub (SentencePiece, BPE, WordPiece, tiktoken, and remote-code classes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_PATTERNS = ("*.tiktoken", "tokenization_*.py")
+
+
+def save_llm(llm, tokenizer_source: str, folder: Path, max_shard_size: str = "2GB") -> None:
+    """An LLM folder that transformers 4.x (XTuner, LLaVA) reads as well as 5.x: `save_pretrained`, `rope_theta`
+    also at the top level of config.json (5.x keeps it only under `rope_parameters`, which 4.x ignores: it would
+    silently fall back to 10000), and the tokenizer's own files copied from the LLM it came from (5.x re-saves a
+    tokenizer under a class name 4.x does not have)."""
+    llm.save_pretrained(folder, max_shard_size=max_shard_size)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    copy_tokenizer_files(tokenizer_source, folder)
+
+
+def copy_tokenizer_files(source: str, folder: Path) -> None:
+    """The tokenizer files of `source` (a folder, or a hub id already in the local cache), byte for byte."""
+    src = Path(source).expanduser()
+    if not src.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            src = Path(snapshot_download(source, local_files_only=True,
+                                         allow_patterns=[*TOKENIZER_FILES, *TOKENIZER_PATTERNS]))
+        except Exception as e:  # not cached: nothing here to copy it from
+            raise UserError(f"{source}: the tokenizer's files are not on this machine ({type(e).__name__}); "
+                            "download the model first or give its local folder") from None
+    files = [p for p in src.iterdir() if p.name in TOKENIZER_FILES or any(p.match(g) for g in TOKENIZER_PATTERNS)]
+    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt") or p.suffix == ".tiktoken" for p in files):
+        raise UserError(f"{src}: no tokenizer files (tokenizer.json, tokenizer.model, ...) to copy beside the LLM")
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
 
 
 # ---- trained weights (iter_N.pth, DeepSpeed folders) -------------------------------------------------------

@@ -17,23 +17,23 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def load() -> str:
     """The 1, 5 and 15 minute load averages, as the figure's context (a load above the core count means the
     benchmark did not have the cores to itself)."""
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def cpu_model() -> str:
     """The processor's name from /proc/cpuinfo (platform.processor() is empty on most Linux systems)."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     except OSError:
-        pass
-    return platform.machine()
+        names = []
+    return names[0] if names else platform.machine()
 
 
 def machine(packages: tuple[str, ...], extra: str = "") -> str:
@@ -102,3 +102,28 @@ def clock(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def rss(pid: int | str = "self") -> dict:
+    """RssAnon and Pss_Anon (MiB) of a process: its anonymous memory (heap, Python objects), not the
+    file-backed pages (memory-mapped tables, the page cache) that processes share."""
+    out = {}
+    for name in ("status", "smaps_rollup"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "Pss_Anon"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def child_pids() -> list[int]:
+    """Processes whose parent is this one (the dataloader workers)."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields["PPid"]) == os.getpid():
+            pids.append(int(status.parent.name))
+    return pids

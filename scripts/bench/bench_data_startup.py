@@ -38,36 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import footer, header, load, ratios, spread
+from _common import child_pids, footer, header, load, ratios, rss, spread
 
 HERE = Path(__file__).resolve().parent
 BATCH, LOADED_BATCHES, NODE = 16, 4, 8  # per-rank batch (LLaVA-1.5), batches the dataloader loads, ranks per node
 XTUNER = ("XTuner 0.2.0 on the same kind of data, from the issue, not measured here: cold 10.6 min, warm ~40 s, "
           "4.3 GiB RSS")
-
-
-def rss(pid: int | str = "self") -> dict:
-    """RssAnon and Pss_Anon (MiB) of a process."""
-    out = {}
-    for name in ("status", "smaps_rollup"):
-        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "Pss_Anon"):
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-def child_pids() -> list[int]:
-    """Processes whose parent is this one (the dataloader workers)."""
-    pids = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if int(fields["PPid"]) == os.getpid():
-            pids.append(int(status.parent.name))
-    return pids
 
 
 def rank_main(args) -> None:
@@ -132,8 +108,9 @@ def link_images(dataset, batches: list[list[int]], folder: Path) -> None:
                 os.link(photo, path)
 
 
-# ---- LLaVA-lazy. LLaVA's sampler functions, copied as written from haotian-liu/LLaVA at c121f04 (Apache-2.0),
-# llava/train/llava_trainer.py lines 38-96; LLaVATrainer._get_train_sampler calls them through
+# ---- LLaVA-lazy. LLaVA's sampler functions, copied from haotian-liu/LLaVA at c121f04 (Apache-2.0),
+# llava/train/llava_trainer.py lines 38-96 (the code as written; its comments and blank lines left out, the torch
+# import moved in); LLaVATrainer._get_train_sampler calls them through
 # LengthGroupedSampler(batch_size, world_size * gradient_accumulation_steps, modality_lengths, group_by_modality=True).
 
 def split_to_even_chunks(indices, lengths, num_chunks):
@@ -156,11 +133,11 @@ def get_modality_length_grouped_indices(lengths, batch_size, world_size, generat
     """LLaVA's: length-grouped megabatches within each modality (sign of the length), shuffled together."""
     import torch
 
-    assert all(l != 0 for l in lengths), "Should not have zero length."  # noqa: E741
-    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):  # noqa: E741
+    assert all(l != 0 for l in lengths), "Should not have zero length."
+    if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
         return get_length_grouped_indices(lengths, batch_size, world_size, generator=generator)
-    mm_indices, mm_lengths = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])  # noqa: E741
-    lang_indices, lang_lengths = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])  # noqa: E741
+    mm_indices, mm_lengths = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])
+    lang_indices, lang_lengths = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])
     mm_shuffle = [mm_indices[i] for i in get_length_grouped_indices(mm_lengths, batch_size, world_size, generator=None)]
     lang_shuffle = [lang_indices[i] for i in get_length_grouped_indices(lang_lengths, batch_size, world_size, generator=None)]
     megabatch_size = world_size * batch_size
@@ -214,7 +191,8 @@ def llava_main(args) -> None:
     before = rss()
     start = time.perf_counter()
     load_tokenizer(args.tokenizer)
-    list_data_dict = json.load(open(args.data, "r"))  # LazySupervisedDataset.__init__, as LLaVA writes it
+    with open(args.data, "r") as f:  # LazySupervisedDataset.__init__: json.load(open(data_path, "r"))
+        list_data_dict = json.load(f)
     json_s = time.perf_counter() - start
     torch.manual_seed(0)  # the Trainer seeds torch; LLaVA's sampler draws from the global generator
     order = get_modality_length_grouped_indices(modality_lengths(list_data_dict), BATCH, args.ranks)
@@ -223,42 +201,41 @@ def llava_main(args) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rank": args.rank, "imports_s": imports, "json_s": json_s, "order_s": order_s,
                       "cpu_s": usage.ru_utime + usage.ru_stime, "rss_before": before, "rss_after": rss(),
-                      "records": len(list_data_dict), "first": len(first)}))
+                      "records": len(list_data_dict), "first_batch": first}))
+
 
 def naive_main(args) -> None:
-    """The naive way (not the headline: it tokenizes every record, which LLaVA's lazy dataset does not), in one process: json.load, then normalize + tokenize record by record - through
-    tokenize_conversation, and with one tokenizer.encode call per encoding unit (XTuner's encode_fn)."""
+    """The naive way, an extra line (it tokenizes every record up front, which neither LLaVA's lazy dataset nor
+    the lazy table does): json.load, then normalize + tokenize_conversation record by record on one core; and
+    the Rust tokenizer alone, per id (the floor under the tokens table's build)."""
     from vlmtune.data.llava_json import normalize_record
     from vlmtune.data.templates import get_template
-    from vlmtune.data.tokenize import encode_texts, render_units, special_ids, tokenize_conversation
+    from vlmtune.data.tokenize import (
+        encode_texts,
+        render_units,
+        special_ids,
+        tokenize_conversation,
+    )
     from vlmtune.model.build import load_tokenizer
 
-    start, cpu = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
     with open(args.data, encoding="utf-8") as f:
         records = json.load(f)
-    load_s, load_cpu = time.perf_counter() - start, time.process_time() - cpu
-    loaded = rss()
+    load_s, loaded = time.perf_counter() - start, rss()
     template, n = get_template("vicuna"), min(args.baseline_records, len(records))
     samples = [normalize_record(raw, index) for index, raw in enumerate(records[:n])]
-    t, cpu = time.perf_counter(), time.process_time()
-    for sample in samples:
-        tokenize_conversation(sample.turns, tokenizer, template, 2048, 576, sample.system)
-    per_record, per_record_cpu = (time.perf_counter() - t) / n, (time.process_time() - cpu) / n
-    bos, eos = special_ids(tokenizer)
     t = time.perf_counter()
     for sample in samples:
-        for unit, _ in render_units(sample.turns, template, sample.system, bos, eos):
-            if isinstance(unit, str):
-                tokenizer.encode(unit, add_special_tokens=False)
-    per_unit = (time.perf_counter() - t) / n
+        tokenize_conversation(sample.turns, tokenizer, template, 2048, 576, sample.system)
+    per_record = (time.perf_counter() - t) / n
+    bos, eos = special_ids(tokenizer)
     texts = [u for s in samples for u, _ in render_units(s.turns, template, s.system, bos, eos) if isinstance(u, str)]
     t = time.process_time()  # this process runs with TOKENIZERS_PARALLELISM=false: one core
     ids = sum(map(len, encode_texts(texts, tokenizer)))
-    print(json.dumps({"tokenizer_s_per_id": (time.process_time() - t) / ids,"load_s": load_s, "records": len(records), "measured": n, "rss_after_load": loaded,
-                      "total_s": load_s + per_record * len(records), "per_record_s": per_record,
-                      "per_unit_total_s": load_s + per_unit * len(records), "per_unit_s": per_unit,
-                      "total_cpu_s": load_cpu + per_record_cpu * len(records)}))
+    print(json.dumps({"tokenizer_s_per_id": (time.process_time() - t) / ids, "load_s": load_s, "records": len(records),
+                      "measured": n, "rss_after_load": loaded, "per_record_s": per_record,
+                      "total_s": load_s + per_record * len(records)}))
 
 
 def run(mode: str, args, extra: list[str], count: int = 1) -> list[dict]:
@@ -339,20 +316,14 @@ def report(name: str, ranks: list[dict]) -> None:
               f"(dataset +{r['rss_after']['RssAnon'] - r['rss_before']['RssAnon']:.0f})" + (f"; workers MiB: {workers}" if workers else ""))
 
 
-def per_round(rounds: list[dict], side: str, measure) -> list[float]:
-    """`measure` of one side in every round."""
-    return [measure(r[side]) for r in rounds]
-
-
 def summarize(table: str, rounds: list[dict], naive: dict | None) -> None:
     """Round 1 in detail, then the per-round ratios against LLaVA-lazy and what they mean."""
     first = rounds[0]
     print(f"\n== {table} table: {first['cold'][0]['report']}; mean sequence {first['cold'][0]['mean_length']:.0f} tokens "
-          f"(images expanded{', estimated' if table == 'lazy' else ''}); {first['cold'][0]['stored_ids'] / 1e6:.0f}M ids stored")
+          f"(images expanded{', estimated' if table == 'lazy' else ''}); {first['cold'][0]['stored_ids'] / 1e6:.1f}M ids stored")
     for name in ("cold", "llava_cold", "warm", "llava_warm"):
         report(f"round 1 {name.replace('llava_', 'LLaVA-lazy after ')}", first[name])
-    cold, warm = per_round(rounds, "cold", slowest), per_round(rounds, "warm", slowest)
-    lazy_cold, lazy_warm = per_round(rounds, "llava_cold", slowest), per_round(rounds, "llava_warm", slowest)
+    cold, lazy_cold, warm, lazy_warm = ([slowest(r[side]) for r in rounds] for side in ("cold", "llava_cold", "warm", "llava_warm"))
     med = statistics.median
     print(f"cold, tokenizer load -> first batch order, slowest rank: vlmtune {med(cold):.2f} s (target <= 60), LLaVA-lazy "
           f"{med(lazy_cold):.2f} s; LLaVA-lazy / vlmtune {spread(ratios(lazy_cold, cold), '.2f')}")
@@ -375,17 +346,23 @@ def summarize(table: str, rounds: list[dict], naive: dict | None) -> None:
     verdict(table, ratios(lazy_cold, cold), ratios(lazy_warm, warm), memory)
 
 
+def compare(x: float, better: str, worse: str) -> str:
+    """'2.30x faster' or '1.40x SLOWER' from a LLaVA-lazy / vlmtune ratio (above 1: vlmtune is better)."""
+    return f"{x:.2f}x {better}" if x >= 1 else f"{1 / x:.2f}x {worse}"
+
+
 def verdict(table: str, cold: list[float], warm: list[float], memory: list[float]) -> None:
     """What the three ratios say, from the medians measured (not from expectations)."""
     c, w, m = (statistics.median(x) for x in (cold, warm, memory))
     if table == "tokens":
         print(f"vs LLaVA-lazy: not the same work at cold start (this table tokenizes every record up front, for packing's "
-              f"exact lengths; LLaVA's lazy dataset tokenizes none): cold {c:.2f}x, warm {w:.1f}x, memory {m:.1f}x")
+              f"exact lengths; LLaVA's lazy dataset tokenizes none): cold {compare(c, 'faster', 'SLOWER')}, warm "
+              f"{compare(w, 'faster', 'SLOWER')}, memory per rank {compare(m, 'less', 'MORE')}")
         return
-    cold_text = (f"cold start about even ({c:.2f}x; neither tokenizes up front)" if 0.8 <= c <= 1.25 else
-                 f"cold start {c:.2f}x faster" if c > 1 else f"cold start {1 / c:.2f}x SLOWER")
-    print(f"vs LLaVA-lazy: {cold_text}; warm start {w:.1f}x, from the second start on (vlmtune's cache; LLaVA "
-          f"repeats its json.load at every start); memory {m:.1f}x less per rank, at every start")
+    cold_text = f"about even ({c:.2f}x; neither tokenizes up front)" if 0.8 <= c <= 1.25 else compare(c, "faster", "SLOWER")
+    print(f"vs LLaVA-lazy: cold start {cold_text}; warm start {compare(w, 'faster', 'SLOWER')}, from the second start on "
+          f"(vlmtune's cache; LLaVA repeats its json.load at every start); memory per rank {compare(m, 'less', 'MORE')}, "
+          f"at every start")
     if m >= max(c, 2):
         print(f"the memory ratio is the real win over LLaVA's lazy dataset: {m:.1f}x less anonymous memory on each of a "
               f"node's {NODE} ranks, from the first start")
@@ -425,8 +402,7 @@ def main(argv=None) -> int:
         print(f"\nnaive, an extra line (json.load, then every record tokenized up front in one process; {naive['measured']:,} "
               f"of {naive['records']:,} records timed, extrapolated, run once: no ratio): json.load {naive['load_s']:.1f} s, "
               f"RssAnon {naive['rss_after_load']['RssAnon']:.0f} MiB after it; tokenize_conversation {naive['per_record_s'] * 1e3:.2f} "
-              f"ms/record -> {naive['total_s']:.0f} s; one tokenizer.encode per unit (XTuner's encode_fn) "
-              f"{naive['per_unit_s'] * 1e3:.2f} ms/record -> {naive['per_unit_total_s']:.0f} s")
+              f"ms/record -> {naive['total_s']:.0f} s for the file")
     print(XTUNER)
     footer()
     return 0

@@ -30,11 +30,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import clock, footer, header, interleave, ratios, spread
 from PIL import Image
 from skimage import data as skdata
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from _common import clock, footer, header, interleave, ratios, spread
 from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.tiny import make_clip
 

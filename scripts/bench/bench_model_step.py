@@ -29,9 +29,9 @@ import tempfile
 import time
 
 import torch
+from _common import footer, header, interleave, ratios, spread
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from _common import footer, header, interleave, ratios, spread
 from vlmtune.config import ModelConfig
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlmtune.model.build import build_model, load_tokenizer
@@ -76,10 +76,10 @@ def make_batch(B: int, T: int, vocab: int, image_token_id: int, gen: torch.Gener
     labels = ids.clone()
     labels[:, : T // 2] = IGNORE_INDEX
     pixels = torch.randn(B, 3, 336, 336, generator=gen)
-    ours = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, pixel_values=pixels)
+    ours = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
     hf_ids = torch.cat([ids[:, :1], torch.full((B, PATCHES), image_token_id), text], 1)
     hf_labels = torch.cat([labels[:, :1], torch.full((B, PATCHES), IGNORE_INDEX), labels[:, 2:]], 1)
-    theirs = dict(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), labels=hf_labels, pixel_values=pixels)
+    theirs = {"input_ids": hf_ids, "attention_mask": torch.ones_like(hf_ids), "labels": hf_labels, "pixel_values": pixels}
     return ours, theirs
 
 

@@ -294,3 +294,20 @@ def test_a_llava_folder_with_the_llm_at_its_root_must_be_the_llm(converted, tiny
     assert cli(["chat", str(tiny.llm), "--llava", str(folder), "--prompt", "hi", "--device", "cpu"]) == 2
     line = error_line(capsys)
     assert "holds the trained LLM at its root" in line and f"vlmtune chat {folder} --llava {folder}" in line
+
+
+# ---- LLM folders transformers 4.x reads -------------------------------------------------------------------
+
+
+def test_full_llm_folders_keep_the_tokenizer_files_and_the_rope_base_for_transformers_4(converted, tiny, tmp_path):
+    """transformers 5 re-saves a tokenizer under a class 4.x lacks and keeps `rope_theta` only under
+    `rope_parameters` (4.x reads the top level and falls back to 10000): the LLM at the root of a full
+    conversion and a merged LLM carry the source's tokenizer files unchanged and `rope_theta` at the top level."""
+    adapter = converted("lora", "xtuner") / "llm_adapter"
+    assert cli(["convert", "merge", str(tiny.llm), str(adapter), str(tmp_path / "merged")]) == 0
+    for folder in (converted("full", "xtuner"), tmp_path / "merged"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (folder / name).read_bytes() == (tiny.llm / name).read_bytes(), (folder, name)
+        assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -23,12 +23,12 @@ from vlmtune.config import Config
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.convert import keymaps
 from vlmtune.convert.chat_template import choose_chunk_prefix, jinja_chat_template
-from vlmtune.convert.pth_to_hf import _prefixed, merged_parts, raw_tokenizer, tokenizer_with_image_token, trained_parts
+from vlmtune.convert.pth_to_hf import _prefixed, merged_parts, tokenizer_with_image_token, trained_parts
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.model.build import load_image_processor
 from vlmtune.model.llava import LlavaModel, image_tokens
-from vlmtune.weights import rename
+from vlmtune.weights import copy_tokenizer_files, rename
 
 # CLIPImageProcessor settings carried over to the LlavaImageProcessor of the huggingface layout.
 IMAGE_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
@@ -140,7 +140,7 @@ def save_llava_official(model: LlavaModel, cfg: Config, save_dir: Path, max_shar
     save_torch_state_dict(state, str(save_dir), max_shard_size=max_shard_size)
     config = _official_config(llm, clip, cfg, depth, select_layer, clip_trained)
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    raw_tokenizer(cfg).save_pretrained(save_dir)
+    copy_tokenizer_files(cfg.model.llm_name_or_path, save_dir)  # LLaVA runs on transformers 4.x: the original files
     load_image_processor(cfg.model.visual_encoder_name_or_path).save_pretrained(save_dir)
 
 

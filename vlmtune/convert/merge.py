@@ -14,7 +14,7 @@ import torch
 
 from vlmtune.convert import keymaps
 from vlmtune.errors import UserError
-from vlmtune.weights import save_model_renamed
+from vlmtune.weights import save_llm, save_model_renamed
 
 
 def main(args) -> int:
@@ -24,9 +24,9 @@ def main(args) -> int:
     save_dir = Path(args.save_dir)
     if args.is_clip:  # with transformers 4.x's `vision_model.` level, which XTuner, LLaVA and transformers 5 read
         save_model_renamed(merged, save_dir, keymaps.CLIP_VISION_MODEL, args.max_shard_size)
-    else:
-        merged.save_pretrained(save_dir, max_shard_size=args.max_shard_size)
-    processor.save_pretrained(save_dir)
+        processor.save_pretrained(save_dir)
+    else:  # the tokenizer's own files: XTuner and LLaVA (transformers 4.x) read them
+        save_llm(merged, args.model_name_or_path, save_dir, args.max_shard_size)
     print(f"merged {args.adapter_name_or_path} into {args.model_name_or_path}: {save_dir}")
     return 0
 

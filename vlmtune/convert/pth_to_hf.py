@@ -21,7 +21,7 @@ from vlmtune.errors import UserError
 from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
 from vlmtune.model.llava import LlavaModel
 from vlmtune.model.peft import save_adapter
-from vlmtune.weights import load_into_model, load_trained_weights, rename, save_model_renamed
+from vlmtune.weights import load_into_model, load_trained_weights, rename, save_llm, save_model_renamed
 
 CONFIG_FILE = "vlmtune_config.py"
 
@@ -82,8 +82,7 @@ def save_xtuner(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: 
     if parts["llm"] == "lora":
         save_adapter(model.llm, save_dir / keymaps.LLM_ADAPTER_DIR)
     elif parts["llm"] == "full":
-        model.llm.save_pretrained(save_dir, max_shard_size=max_shard_size)
-        raw_tokenizer(cfg).save_pretrained(save_dir)
+        save_llm(model.llm, cfg.model.llm_name_or_path, save_dir, max_shard_size)
     # CLIP's weights and adapter with transformers 4.x's `vision_model.` level: XTuner's chat reads them
     if parts["visual_encoder"] == "lora":
         save_adapter(model.visual_encoder, save_dir / keymaps.VISUAL_ENCODER_ADAPTER_DIR, keymaps.CLIP_VISION_ADAPTER)
@@ -125,15 +124,6 @@ def merged_parts(model: LlavaModel):
     if hasattr(clip, "merge_and_unload"):
         clip = clip.merge_and_unload()
     return llm, clip
-
-
-def raw_tokenizer(cfg: Config):
-    """The LLM's tokenizer exactly as it is stored (no pad token borrowed), to save beside full weights."""
-    from transformers import AutoTokenizer
-
-    from vlmtune.model.build import from_pretrained
-
-    return from_pretrained(AutoTokenizer, cfg.model.llm_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def tokenizer_with_image_token(cfg: Config, llm):

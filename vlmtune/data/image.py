@@ -4,13 +4,14 @@ An image goes: file -> PIL (any mode) -> RGB -> optional pad-to-square with the 
 `expand2square`) -> the encoder's CLIP transform (resize, centre crop, rescale, normalise) -> float [3, H, W].
 
 The CLIP transform runs one of two ways (`image_preprocess` in the config):
-- "hf": the CLIPImageProcessor itself (transformers' PIL backend when torchvision is absent): numpy, float64
-  rescale, PIL resize; the reference.
-- "fast" (the config default): the same steps on a uint8 tensor: one antialiased bicubic `F.interpolate` (PIL's filter,
+- "hf" (the config default): the CLIPImageProcessor itself (transformers' PIL backend when torchvision is
+  absent): numpy, float64 rescale, PIL resize; the reference.
+- "fast" (opt-in): the same steps on a uint8 tensor: one antialiased bicubic `F.interpolate` (PIL's filter,
   a = -0.5, in fixed point; the kernel transformers' torchvision backend uses), crop by slicing, then
-  x * (1 / (255 std)) - mean / std in one pass. About 3x the images/s of "hf" on COCO-sized JPEGs; the
-  resized pixels differ from PIL's by one, rarely two, 8-bit levels on < 1 % of values (rounding): less
-  than casting the normalised pixels to bf16 changes them. Figures in docs/benchmarks.md.
+  x * (1 / (255 std)) - mean / std in one pass. More images/s than "hf" on COCO-sized JPEGs (measured by
+  scripts/bench/bench_image_preprocess.py: the figure and its spread are in docs/benchmarks.md); the resized
+  pixels differ from PIL's by one, rarely two, 8-bit levels on < 1 % of values (rounding): less than casting
+  the normalised pixels to bf16 changes them.
 ImagePreprocessor defaults to "hf" (a model from elsewhere is fed exactly what its processor gives); training
 passes the config's `image_preprocess`, and checkpoints carry it to chat and MMBench.
 """
