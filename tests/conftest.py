@@ -89,7 +89,7 @@ def tiny_batch(tiny, tiny_tokenizer):
     from vlmtune.data.image import ImagePreprocessor, load_image
     from vlmtune.data.templates import get_template
     from vlmtune.data.tokenize import tokenize_conversation
-    from vlmtune.model.build import load_image_processor
+    from vlmtune.model.vision import load_image_processor
 
     preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=True)
     template = get_template("internlm2_chat")

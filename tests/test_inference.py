@@ -16,7 +16,8 @@ from vlmtune.constants import IMAGE_TOKEN_INDEX
 from vlmtune.data.image import ImagePreprocessor
 from vlmtune.data.templates import get_template
 from vlmtune.inference import Generator, Group, shared_prefix_length
-from vlmtune.model.build import build_model, load_image_processor, load_tokenizer
+from vlmtune.model.build import build_model, load_tokenizer
+from vlmtune.model.vision import load_image_processor
 
 MAX_NEW = 8
 LOGIT_ATOL = 1e-4  # float32; the two paths differ only in how the attention sums are grouped

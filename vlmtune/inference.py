@@ -52,7 +52,7 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        return self.model.projector.model[0].weight.device
+        return self.model.projector.first.weight.device
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
         """[N, 3, H, W] on the model's device, or None without images."""

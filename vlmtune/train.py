@@ -26,7 +26,8 @@ from vlmtune.engine.metrics import get_logger
 from vlmtune.engine.trainer import TrainState, fit, lr_lambda
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
-from vlmtune.model.build import build_model, load_image_processor, load_tokenizer, resolve_dtype
+from vlmtune.model.build import build_model, load_tokenizer, resolve_dtype
+from vlmtune.model.vision import load_image_processor
 from vlmtune.weights import load_into_model, load_trained_weights
 
 

@@ -43,7 +43,8 @@ from vlmtune.eval.mmbench import gather_predictions, predict
 from vlmtune.eval.mmbench_data import load_mmbench
 from vlmtune.eval.results import PredictionStore, finish_run
 from vlmtune.inference import Generator
-from vlmtune.model.build import build_model, load_image_processor, load_tokenizer
+from vlmtune.model.build import build_model, load_tokenizer
+from vlmtune.model.vision import load_image_processor
 from vlmtune.tiny import make_tiny
 
 PICTURES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "cat", "horse", "page")

@@ -76,20 +76,20 @@ def hostile_projector_folder(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_a_converted_folder_with_a_pickled_payload_does_not_run_it(tmp_path):
-    from vlmtune.loading import load_projector
+    from vlmtune.convert.xtuner import load_projector
 
     folder, marker = hostile_projector_folder(tmp_path)
     with pytest.raises(Exception):
-        load_projector(folder, torch.float32)
+        load_projector(folder)
     assert not marker.exists()
 
 
 def test_a_converted_folder_with_a_pickled_payload_is_refused_with_a_clear_message(tmp_path):
-    from vlmtune.loading import load_projector
+    from vlmtune.convert.xtuner import load_projector
 
     folder, _ = hostile_projector_folder(tmp_path)
     with pytest.raises(UserError, match="refused to load"):
-        load_projector(folder, torch.float32)
+        load_projector(folder)
 
 
 def test_remote_model_code_runs_only_when_trust_remote_code_is_set(tmp_path):

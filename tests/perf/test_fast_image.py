@@ -12,7 +12,7 @@ from skimage import data as skdata
 from vlmtune.config import load_config
 from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.errors import UserError
-from vlmtune.model.build import load_image_processor
+from vlmtune.model.vision import load_image_processor
 
 SIZES = [None, (640, 480), (480, 640), (500, 375), (200, 150), (1024, 768), (337, 336)]
 

@@ -18,7 +18,8 @@ from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.data.sampler import PackedBatchSampler, pack_by_length
 from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import tokenize_conversation
-from vlmtune.model.build import build_model, load_image_processor
+from vlmtune.model.build import build_model
+from vlmtune.model.vision import load_image_processor
 from vlmtune.model.llava import splice_image_features
 
 CONVERSATIONS = [

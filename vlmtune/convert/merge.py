@@ -37,7 +37,8 @@ def merge_adapter(base: str, adapter: str, is_clip: bool, device: str = "cpu", t
 
     from vlmtune.model.peft import load_adapter
 
-    from vlmtune.model.build import from_pretrained, load_image_processor, load_pretrained_model, load_vision_encoder
+    from vlmtune.model.pretrained import from_pretrained, load_pretrained_model
+    from vlmtune.model.vision import load_image_processor, load_vision_encoder
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")

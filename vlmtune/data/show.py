@@ -35,17 +35,15 @@ def main(args) -> int:
 
 def _training_dataset(cfg, work_dir: Path):
     """(dataset, tokenizer, image length) built as `vlmtune.train` builds them, without the model weights."""
-    from transformers import CLIPVisionConfig
-
     from vlmtune.data.dataset import build_dataset, cache_dir
     from vlmtune.data.image import ImagePreprocessor
-    from vlmtune.model.build import load_image_processor, load_tokenizer
-    from vlmtune.model.llava import image_tokens
+    from vlmtune.model.build import load_tokenizer
+    from vlmtune.model.vision import image_tokens, load_image_processor, vision_config
     from vlmtune.paths import require_model_folder
 
     require_model_folder(cfg.model.visual_encoder_name_or_path, "visual_encoder_name_or_path")
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
-    image_length = image_tokens(CLIPVisionConfig.from_pretrained(cfg.model.visual_encoder_name_or_path))
+    image_length = image_tokens(vision_config(cfg.model.visual_encoder_name_or_path))
     preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
                                    cfg.data.image_preprocess)
     dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir))

@@ -1,19 +1,26 @@
-"""Model assembly from a ModelConfig: load the parts, freeze, quantize, attach LoRA.
+"""Model assembly: load the parts, freeze, quantize, attach LoRA, and `assemble` them into a LlavaModel.
 
-The one place that decides which parameters train: `build_model` returns a LlavaModel whose
-`requires_grad` flags are final (projector always; LLM/CLIP fully, through LoRA, or not at all).
+`assemble` is the one place a LlavaModel is made, from training (`build_model`), chat and evaluation
+(convert/xtuner.py and convert/huggingface.py read a converted folder back) and convert. `build_model` is the
+one place that decides which parameters train: its LlavaModel's `requires_grad` flags are final (projector
+always; LLM/CLIP fully, through LoRA, or not at all).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionModel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from vlmtune.config import ModelConfig
+from vlmtune.convert import keymaps
 from vlmtune.errors import UserError
 from vlmtune.model.llava import LlavaModel
-from vlmtune.model.peft import add_lora
+from vlmtune.model.peft import add_lora, load_adapter
+from vlmtune.model.pretrained import from_pretrained, load_pretrained_model
 from vlmtune.model.projector import Projector
-from vlmtune.paths import require_model_folder
+from vlmtune.model.vision import load_vision_encoder, lora_targets
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -38,11 +45,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     return tokenizer
 
 
-def load_image_processor(path: str) -> CLIPImageProcessor:
-    """The CLIP encoder's image processor (saved beside the encoder, as on the hub)."""
-    return from_pretrained(CLIPImageProcessor, path)
-
-
 def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
     """AutoModelForCausalLM, 4/8-bit through bitsandbytes when `quantization` is set."""
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -63,11 +65,6 @@ def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
     return load_pretrained_model(AutoModelForCausalLM, cfg.llm_name_or_path, **kwargs)
 
 
-def load_vision_encoder(path: str, dtype, **kwargs) -> CLIPVisionModel:
-    """The CLIP vision tower of a vision-only or a whole CLIP checkpoint (its text tower is not used)."""
-    return load_pretrained_model(CLIPVisionModel, path, VISION_UNUSED_PREFIXES, dtype=dtype, **kwargs)
-
-
 def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = True) -> LlavaModel:
     """LlavaModel with final trainable flags. `quantize=False` loads the LLM in full precision
     (conversion and merging need real weights, not 4-bit ones)."""
@@ -75,22 +72,36 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
     llm_cfg = cfg if quantize else _without_quantization(cfg)
     llm = load_llm(llm_cfg, dtype)
     visual_encoder = load_vision_encoder(cfg.visual_encoder_name_or_path, dtype)
-    projector = Projector(
-        visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, depth=cfg.projector_depth
-    ).to(dtype)
+    projector = Projector(visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, cfg.projector_depth)
     llm.requires_grad_(not cfg.freeze_llm and cfg.llm_lora is None)
     visual_encoder.requires_grad_(not cfg.freeze_visual_encoder and cfg.visual_encoder_lora is None)
     if for_training and llm_cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.use_gradient_checkpointing)
-    if cfg.llm_lora is not None:
-        llm = add_lora(llm, cfg.llm_lora, task_type="CAUSAL_LM")
-    if cfg.visual_encoder_lora is not None:
-        visual_encoder = add_lora(visual_encoder, cfg.visual_encoder_lora, task_type=None)
+    model = assemble(llm, visual_encoder, projector, cfg.visual_select_layer, dtype, cfg.llm_lora, cfg.visual_encoder_lora)
     if for_training and cfg.use_gradient_checkpointing:
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return LlavaModel(llm, visual_encoder, projector, cfg.visual_select_layer, transformers_llm=not cfg.trust_remote_code)
+        model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+Adapter = dict | str | Path | None  # a LoRA config (a fresh adapter to train) or an adapter folder to load
+
+
+def assemble(llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int,
+             dtype: torch.dtype, llm_adapter: Adapter = None, vision_adapter: Adapter = None) -> LlavaModel:
+    """The LlavaModel of these parts: each adapter attached (a dict: a fresh LoRA with those settings; a folder:
+    a trained adapter, every key placed, the vision one in either transformers naming), the projector in `dtype`."""
+    if isinstance(llm_adapter, dict):
+        llm = add_lora(llm, llm_adapter, task_type="CAUSAL_LM")
+    elif llm_adapter is not None:
+        llm = load_adapter(llm, llm_adapter)
+    if isinstance(vision_adapter, dict):  # the encoder's own linear layers that feed LLaVA's features, by default
+        visual_encoder = add_lora(visual_encoder, {"target_modules": lora_targets(visual_encoder), **vision_adapter},
+                                  task_type=None)
+    elif vision_adapter is not None:
+        visual_encoder = load_adapter(visual_encoder, vision_adapter, keymaps.CLIP_VISION_ADAPTER)
+    return LlavaModel(llm, visual_encoder, projector.to(dtype), visual_select_layer)
 
 
 def _without_quantization(cfg: ModelConfig) -> ModelConfig:
@@ -100,38 +111,3 @@ def _without_quantization(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, quantization=None)
 
 
-# Weights a vision checkpoint may hold that the vision tower does not use: the text tower, projections and
-# logit scale of a full CLIP/SigLIP checkpoint (openai/clip-vit-large-patch14-336 is a whole CLIPModel).
-VISION_UNUSED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
-
-
-def from_pretrained(cls, path: str, **kwargs):
-    """`cls.from_pretrained` (a tokenizer, processor or config) with a one-line error for a missing folder or
-    hub id."""
-    require_model_folder(path, f"cannot load {cls.__name__} from")
-    try:
-        return cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:  # ImportError: a missing optional kernel (flash-attn)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {cls.__name__} from {path!r}: {first}") from None
-
-
-def load_pretrained_model(cls, path: str, unused_prefixes: tuple[str, ...] = (), **kwargs):
-    """A model by `cls.from_pretrained`, with every weight of the model found in the folder and every weight
-    of the folder used (but for `unused_prefixes`). transformers only warns about either and initialises the
-    missing weights at random, which silently gives a different model."""
-    model, info = from_pretrained(cls, path, output_loading_info=True, **kwargs)
-    check_loading_info(info, f"{path} ({type(model).__name__})", unused_prefixes)
-    return model
-
-
-def check_loading_info(info: dict, source: str, unused_prefixes: tuple[str, ...] = ()) -> None:
-    """A user error naming the first missing / unexpected / wrongly shaped weights of a `from_pretrained`."""
-    missing = sorted(info.get("missing_keys") or ())
-    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith(unused_prefixes))
-    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
-    if missing or unexpected or mismatched:
-        parts = [f"{len(v)} {name} (first: {', '.join(v[:3])})"
-                 for name, v in (("missing", missing), ("unexpected", unexpected), ("with other shapes", mismatched)) if v]
-        raise UserError(f"{source}: weights do not match the model: {'; '.join(parts)}; the folder holds an incomplete "
-                        "or different model: re-download or re-convert it")

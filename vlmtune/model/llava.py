@@ -2,7 +2,7 @@
 
 Data flow for a batch (B samples, T text ids, N images in the whole batch, P patches per image):
 
-    pixel_values [N, 3, H, W] --CLIP--> hidden_states[select_layer][:, 1:]  [N, P, Dv]  (CLS dropped)
+    pixel_values [N, 3, H, W] --encoder--> hidden_states[select_layer], CLS dropped  [N, P, Dv]  (model/vision.py)
                               --projector--> image features [N, P, D]
     input_ids [B, T] (IMAGE_TOKEN_INDEX marks each image) --embed--> [B, T, D]
     splice: every image id is replaced by its P feature rows -> inputs_embeds [B, L, D], labels [B, L]
@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlmtune.model import vision
 from vlmtune.model.projector import Projector
 
 
-def image_tokens(vision_config) -> int:
-    """Feature rows one image becomes: the encoder's patches, CLS dropped (576 for CLIP-L/336)."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2
+def is_transformers_class(llm: nn.Module) -> bool:
+    """The LLM's class is transformers' own (even when it was loaded with trust_remote_code), not a model
+    folder's code: only then does it take `logits_to_keep` and `cache=`."""
+    base = llm.get_base_model() if hasattr(llm, "peft_config") else llm  # under a peft wrapper
+    return type(base).__module__.startswith("transformers.")
 
 
 class LlavaModel(nn.Module):
@@ -38,28 +41,27 @@ class LlavaModel(nn.Module):
     global batch: the result then does not depend on how the batch is split into micro-batches and ranks.
     """
 
-    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2,
-                 transformers_llm: bool = False):
+    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2):
         super().__init__()
         self.llm = llm
         self.visual_encoder = visual_encoder
         self.projector = projector
         self.visual_select_layer = visual_select_layer
-        # the LLM is transformers' own class, not remote code: it takes `logits_to_keep` (the loss pass runs the
-        # LM head only at target positions) and `cache=` (Generator.generate_shared prefills shared prefixes)
-        self.transformers_llm = transformers_llm
+        # the LLM is transformers' own class: it takes `logits_to_keep` (the loss pass runs the LM head only at
+        # target positions) and `cache=` (Generator.generate_shared prefills shared prefixes)
+        self.transformers_llm = is_transformers_class(llm)
 
     @property
     def image_length(self) -> int:
-        """Sequence positions each image takes after the splice."""
-        return image_tokens(self.visual_encoder.config)
+        """Sequence positions each image takes after the splice (model/vision.py decides)."""
+        return vision.image_tokens(self.visual_encoder.config)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
         dtype = next(self.visual_encoder.parameters()).dtype
         out = self.visual_encoder(pixel_values.to(dtype), output_hidden_states=True)
-        features = out.hidden_states[self.visual_select_layer][:, 1:]
-        return self.projector(features.to(self.projector.model[0].weight.dtype))
+        features = vision.select_features(out.hidden_states, self.visual_select_layer, self.visual_encoder.config)
+        return self.projector(features.to(self.projector.dtype))
 
     def prepare_inputs(
         self,
@@ -116,7 +118,7 @@ class LlavaModel(nn.Module):
         parameters in the same order. Without this, a rank with a text-only micro-batch next to one with images
         sends a different bucket: the all-reduce fails on a size mismatch or, when sizes happen to agree, adds
         one parameter's gradient to another's. Frozen vision and projector: nothing to do."""
-        param = self.projector.model[0].weight
+        param = self.projector.first.weight
         if not any(p.requires_grad for m in (self.visual_encoder, self.projector) for p in m.parameters()):
             return torch.zeros((), dtype=param.dtype, device=param.device)
         size = self.visual_encoder.config.image_size

@@ -20,6 +20,15 @@ class Projector(nn.Module):
         self.model = nn.Sequential(*layers)
         self.depth = depth
 
+    @property
+    def first(self) -> nn.Linear:
+        """The input layer: its width is the encoder's, its dtype and device are the projector's."""
+        return self.model[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.first.weight.dtype
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[N, P, visual_hidden] -> [N, P, llm_hidden]."""
         return self.model(features)

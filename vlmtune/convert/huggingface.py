@@ -1,15 +1,13 @@
-"""The two merged layouts of `convert pth_to_hf`: transformers' Llava and haotian-liu/LLaVA's.
+"""transformers' LlavaForConditionalGeneration layout: written by `save` (`--save-format huggingface`), read
+back by `load` (a folder given to chat / mmbench as the model).
 
-Both merge LoRA into full-precision weights, rename every weight by a key map of keymaps.py (an unmatched
-weight is an error, never dropped) and save with the LLM's tokenizer.
-
-huggingface: LlavaForConditionalGeneration (text model = any causal LM transformers' Llava accepts; the whole
-  CLIP is stored, also when it was frozen) + LlavaProcessor: the tokenizer with `<image>`, a
-  LlavaImageProcessor whose `do_pad` is the training's pad_image_to_square (the same pixels as our
-  expand2square), `patch_size` and `num_additional_image_tokens=1` so one `<image>` expands to P tokens, and
-  a chat template that renders our prompt template. Single-token stop words become extra EOS ids.
-official: the LLM's weights with `model.mm_projector.*` (and the vision tower when it trained), config keys
-  mm_projector_type, mm_vision_tower, mm_vision_select_layer, ... as LLaVA-1.5 releases; Llama or Mistral.
+LoRA is merged into full-precision weights; every weight is renamed by keymaps.HUGGINGFACE_LLAVA (an unmatched
+weight is an error, never dropped) and saved with the LLM's tokenizer as a LlavaProcessor:
+the tokenizer with `<image>`, a LlavaImageProcessor whose `do_pad` is the training's pad_image_to_square (the
+same pixels as our expand2square), `patch_size` and `num_additional_image_tokens=1` so one `<image>` expands to
+P tokens, and a chat template that renders our prompt template. Single-token stop words become extra EOS ids.
+Reading it back splits the weights into LLM / encoder / projector by the same key map, every tensor of the
+folder placed.
 """
 from __future__ import annotations
 
@@ -23,19 +21,23 @@ from vlmtune.config import Config
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
 from vlmtune.convert import keymaps
 from vlmtune.convert.chat_template import choose_chunk_prefix, jinja_chat_template
-from vlmtune.convert.pth_to_hf import _prefixed, merged_parts, tokenizer_with_image_token, trained_parts
+from vlmtune.convert.parts import merged_parts, prefixed, tokenizer_with_image_token
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
-from vlmtune.model.build import load_image_processor
-from vlmtune.model.llava import LlavaModel, image_tokens
-from vlmtune.weights import copy_tokenizer_files, rename
+from vlmtune.model.build import assemble, load_tokenizer
+from vlmtune.model.llava import LlavaModel
+from vlmtune.model.pretrained import load_pretrained_model
+from vlmtune.model.projector import Projector
+from vlmtune.model.vision import image_tokens, load_image_processor
+from vlmtune.weights import rename
 
 # CLIPImageProcessor settings carried over to the LlavaImageProcessor of the huggingface layout.
 IMAGE_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
                         "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
-def save_llava_hf(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) -> None:
+
+def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) -> None:
     """A folder that `LlavaForConditionalGeneration.from_pretrained` + `AutoProcessor` load and run."""
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaConfig
@@ -43,10 +45,10 @@ def save_llava_hf(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size
     if model.projector.depth != 2:
         raise UserError(f"--save-format huggingface needs projector_depth=2 (transformers' Llava has two linear "
                         f"layers), this model has {model.projector.depth}; use --save-format xtuner")
-    select_layer, projector = model.visual_select_layer, _prefixed(model.projector, "projector.")
+    select_layer, projector = model.visual_select_layer, prefixed(model.projector, "projector.")
     llm, clip = merged_parts(model)
     tokenizer = tokenizer_with_image_token(cfg, llm)
-    state = {**_prefixed(llm, "llm."), **_prefixed(clip, "visual_encoder."), **projector}
+    state = {**prefixed(llm, "llm."), **prefixed(clip, "visual_encoder."), **projector}
     if llm.config.tie_word_embeddings:
         state.pop("llm.lm_head.weight", None)  # transformers ties it to embed_tokens again on load
     vision = clip.config
@@ -119,56 +121,60 @@ def _processor(cfg: Config, tokenizer, patch_size: int):
     )
 
 
-def save_llava_official(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) -> None:
-    """haotian-liu/LLaVA's checkpoint: LLM + mm_projector (+ vision tower when it trained) in one folder."""
-    from huggingface_hub import save_torch_state_dict
-
-    llm_type = model.llm.config.model_type
-    if llm_type not in keymaps.OFFICIAL_ARCHITECTURES:
-        raise UserError(f"--save-format official supports {', '.join(keymaps.OFFICIAL_ARCHITECTURES)} LLMs "
-                        f"(haotian-liu/LLaVA's classes), not {llm_type!r}; use --save-format huggingface or xtuner")
-    clip_trained = trained_parts(cfg)["visual_encoder"] is not None
-    depth, select_layer = model.projector.depth, model.visual_select_layer
-    state = _prefixed(model.projector, "projector.")
-    llm, clip = merged_parts(model)
-    state.update(_prefixed(llm, "llm."))
-    if clip_trained:
-        state.update(_prefixed(clip, "visual_encoder."))
-    if llm.config.tie_word_embeddings:
-        state.pop("llm.lm_head.weight", None)  # shared with embed_tokens; LLaVA ties it again on load
-    state = {k: v.contiguous() for k, v in rename(state, keymaps.OFFICIAL_LLAVA).items()}
-    save_torch_state_dict(state, str(save_dir), max_shard_size=max_shard_size)
-    config = _official_config(llm, clip, cfg, depth, select_layer, clip_trained)
-    (save_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    copy_tokenizer_files(cfg.model.llm_name_or_path, save_dir)  # LLaVA runs on transformers 4.x: the original files
-    load_image_processor(cfg.model.visual_encoder_name_or_path).save_pretrained(save_dir)
+def is_layout(folder: Path) -> bool:
+    """A transformers Llava folder (config.json with model_type llava and a text_config)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    values = json.loads(config.read_text(encoding="utf-8"))
+    return values.get("model_type") == "llava" and "text_config" in values
 
 
-def _official_config(llm, clip, cfg: Config, depth: int, select_layer: int, clip_trained: bool) -> dict:
-    """The LLM's config plus LLaVA-1.5's mm_* keys (what llava/model/llava_arch.py reads)."""
-    architecture, model_type = keymaps.OFFICIAL_ARCHITECTURES[llm.config.model_type]
-    values = llm.config.to_dict()
-    rope = values.get("rope_parameters") or {}
-    tower = cfg.model.visual_encoder_name_or_path
-    values.update(
-        architectures=[architecture],
-        model_type=model_type,
-        torch_dtype=str(llm.dtype).removeprefix("torch."),  # the key transformers 4 (LLaVA's) reads
-        image_aspect_ratio="pad" if cfg.data.pad_image_to_square else "square",
-        mm_hidden_size=clip.config.hidden_size,
-        mm_projector_type="linear" if depth == 1 else f"mlp{depth}x_gelu",
-        mm_use_im_patch_token=False,
-        mm_use_im_start_end=False,
-        mm_vision_select_feature="patch",
-        mm_vision_select_layer=select_layer,
-        mm_vision_tower=str(Path(tower).resolve()) if Path(tower).exists() else tower,
-        mm_patch_merge_type="flat",
-        unfreeze_mm_vision_tower=clip_trained,
-        tokenizer_model_max_length=cfg.data.max_length,
-        tokenizer_padding_side="right",
-        use_mm_proj=True,
-        use_cache=True,
-    )
-    if "rope_theta" in rope:
-        values["rope_theta"] = rope["rope_theta"]  # transformers 4 reads it at the top level
-    return values
+def load(args, folder: Path, dtype: torch.dtype):
+    """(LlavaModel, tokenizer, image processor, pad_to_square) from a transformers Llava folder."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    from vlmtune.model.vision import encoder_spec
+
+    if args.bits is not None or args.adapter or args.llava or args.visual_encoder:
+        raise UserError(f"{folder} is a complete huggingface-layout model: --bits, --adapter, --llava and "
+                        "--visual-encoder do not apply to it")
+    hf = load_pretrained_model(LlavaForConditionalGeneration, str(folder), dtype=dtype)  # every tensor in the folder
+    config = hf.config
+    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        raise UserError(f"{folder}: only vision_feature_select_strategy 'default' with one feature layer is supported")
+    ours = rename(hf.state_dict(), keymaps.HUGGINGFACE_LLAVA_MODULES, reverse=True)
+    del hf
+    with init_empty_weights():  # parameters on meta, real buffers (rotary tables): assigned from `ours` below
+        llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
+        clip = getattr(transformers, encoder_spec(config.vision_config).model_class)(config.vision_config)
+    _assign(llm, ours, "llm.")
+    _assign(clip, ours, "visual_encoder.")
+    if config.text_config.tie_word_embeddings:
+        llm.tie_weights()
+    linear_1 = ours["projector.model.0.weight"]
+    projector = Projector(linear_1.shape[1], linear_1.shape[0], depth=2, bias="projector.model.0.bias" in ours)
+    projector.load_state_dict({k.removeprefix("projector."): v for k, v in ours.items() if k.startswith("projector.")}) # strict
+    image_processor = AutoImageProcessor.from_pretrained(str(folder))
+    pad = bool(image_processor.do_pad)
+    image_processor.do_pad = False  # ImagePreprocessor pads (mmbench may switch padding off)
+    model = assemble(llm, clip, projector, _select_layer_hf(args, config), dtype)
+    return model, load_tokenizer(str(folder)), image_processor, pad
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load the `prefix` part of `state` into `module` by assignment (no copy); every weight must be there."""
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(part, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight" or not module.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise UserError(f"weights do not fit {type(module).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _select_layer_hf(args, config) -> int:
+    if args.visual_select_layer is not None and args.visual_select_layer != config.vision_feature_layer:
+        raise UserError(f"--visual-select-layer {args.visual_select_layer}: this model was built with "
+                        f"vision_feature_layer {config.vision_feature_layer}")
+    return config.vision_feature_layer

@@ -1,0 +1,93 @@
+"""The vision encoder: every fact about it has its owner here.
+
+An encoder family is one `Encoder` entry in ENCODERS, found by the transformers config's `model_type`:
+which transformers classes load it and its image processor, whether its sequence starts with a CLS token
+(LLaVA's 'default' feature selection drops it), the weights of a whole checkpoint the tower does not use (a
+CLIP checkpoint's text tower), and the modules that never reach LLaVA's features (not LoRA targets). Its key
+names in transformers 4.x files (the `vision_model.` level, keymaps.py) are shared by the CLIP and SigLIP
+towers. Everything else asks this module: tokens per image (`image_tokens`), the features LLaVA takes
+(`select_features`), LoRA target names (`lora_targets`), loading (`load_vision_encoder`,
+`load_image_processor`, `vision_config`). Adding an encoder family is one entry here (+ its tiny model in
+vlmtune/tiny.py and its tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmtune.errors import UserError
+from vlmtune.model.pretrained import from_pretrained, load_pretrained_model
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """What differs between vision encoder families."""
+
+    model_type: str  # the vision tower's config.model_type
+    model_class: str  # transformers class of the tower
+    processor_class: str  # transformers class of its image processor
+    cls_token: bool  # hidden states start with a CLS token ([N, 1 + P, D])
+    unused_prefixes: tuple[str, ...] = ()  # weights of a whole (two-tower) checkpoint the tower does not use
+    unused_modules: tuple[str, ...] = ()  # the tower's modules LLaVA's features never go through
+
+
+ENCODERS = {
+    "clip_vision_model": Encoder(
+        "clip_vision_model", "CLIPVisionModel", "CLIPImageProcessor", cls_token=True,
+        unused_prefixes=("text_model.", "text_projection.", "visual_projection.", "logit_scale"),
+        unused_modules=("post_layernorm",),  # features come from a hidden state, before it
+    ),
+}
+
+
+def encoder_spec(config) -> Encoder:
+    """The entry of a vision tower's config (a whole CLIPConfig counts as its vision part)."""
+    model_type = getattr(config, "vision_config", config).model_type
+    if model_type not in ENCODERS:
+        raise UserError(f"vision encoder type {model_type!r} is not supported (known: {', '.join(ENCODERS)})")
+    return ENCODERS[model_type]
+
+
+def vision_config(path: str):
+    """The vision tower's config of a checkpoint (a whole two-tower config gives its vision part); no weights."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, path)
+    return getattr(config, "vision_config", config)
+
+
+def load_vision_encoder(path: str, dtype, **kwargs) -> nn.Module:
+    """The vision tower of a vision-only or a whole checkpoint, every tower weight found (the other tower's
+    weights are the only ones left unused)."""
+    import transformers
+
+    spec = encoder_spec(vision_config(path))
+    cls = getattr(transformers, spec.model_class)
+    return load_pretrained_model(cls, path, spec.unused_prefixes, dtype=dtype, **kwargs)
+
+
+def load_image_processor(path: str):
+    """The encoder's image processor (saved beside the encoder, as on the hub)."""
+    import transformers
+
+    return from_pretrained(getattr(transformers, encoder_spec(vision_config(path)).processor_class), path)
+
+
+def image_tokens(config) -> int:
+    """Feature rows one image becomes: the encoder's patches (576 for CLIP-L/336), CLS dropped."""
+    return (config.image_size // config.patch_size) ** 2
+
+
+def select_features(hidden_states: tuple[torch.Tensor, ...], layer: int, config) -> torch.Tensor:
+    """LLaVA's image features: hidden state `layer` [N, (1 +) P, D] without the CLS token -> [N, P, D]."""
+    features = hidden_states[layer]
+    return features[:, 1:] if encoder_spec(config).cls_token else features
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Names of the tower's linear layers that feed LLaVA's features (peft `target_modules`)."""
+    skip = encoder_spec(model.config).unused_modules
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and not name.startswith(skip))
