@@ -94,7 +94,7 @@ def spread(values: list[float], fmt: str = ".3f") -> str:
         q1 = q3 = ordered[0]
     median = statistics.median(ordered)
     return (f"median {median:{fmt}} (min {ordered[0]:{fmt}} - max {ordered[-1]:{fmt}}, "
-            f"IQR {q1:{fmt}}-{q3:{fmt}}, {len(ordered)} rounds)")
+            f"IQR {q1:{fmt}}-{q3:{fmt}}, {len(ordered)} round{'s' if len(ordered) > 1 else ''})")
 
 
 def clock(fn: Callable[[], object]) -> float:

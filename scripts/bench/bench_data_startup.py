@@ -311,9 +311,10 @@ def report(name: str, ranks: list[dict]) -> None:
     """One line per rank: time, CPU, memory before -> after, dataloader workers (vlmtune only)."""
     for r in ranks:
         workers = ", ".join(f"{w['RssAnon']:.0f} (Pss {w['Pss_Anon']:.0f})" for w in r.get("workers", []))
+        before, after = r["rss_before"]["RssAnon"], r["rss_after"]["RssAnon"]
         print(f"{name} rank {r['rank']}: {r['order_s']:.2f} s to the first batch order (imports {r['imports_s']:.1f} s "
-              f"before), CPU {r['cpu_s']:.0f} s; RssAnon {r['rss_before']['RssAnon']:.0f} -> {r['rss_after']['RssAnon']:.0f} MiB "
-              f"(dataset +{r['rss_after']['RssAnon'] - r['rss_before']['RssAnon']:.0f})" + (f"; workers MiB: {workers}" if workers else ""))
+              f"before), CPU {r['cpu_s']:.0f} s; RssAnon {before:.0f} -> {after:.0f} MiB (dataset +{after - before:.0f})"
+              + (f"; workers MiB: {workers}" if workers else ""))
 
 
 def summarize(table: str, rounds: list[dict], naive: dict | None) -> None:
@@ -347,8 +348,11 @@ def summarize(table: str, rounds: list[dict], naive: dict | None) -> None:
 
 
 def compare(x: float, better: str, worse: str) -> str:
-    """'2.30x faster' or '1.40x SLOWER' from a LLaVA-lazy / vlmtune ratio (above 1: vlmtune is better)."""
-    return f"{x:.2f}x {better}" if x >= 1 else f"{1 / x:.2f}x {worse}"
+    """'2.30x faster', '1.40x SLOWER' or 'about even' (within 10%) from a LLaVA-lazy / vlmtune ratio (above 1:
+    vlmtune is better)."""
+    if 1 / 1.1 <= x <= 1.1:
+        return f"about even ({x:.2f}x)"
+    return f"{x:.2f}x {better}" if x > 1 else f"{1 / x:.2f}x {worse}"
 
 
 def verdict(table: str, cold: list[float], warm: list[float], memory: list[float]) -> None:
@@ -359,10 +363,9 @@ def verdict(table: str, cold: list[float], warm: list[float], memory: list[float
               f"exact lengths; LLaVA's lazy dataset tokenizes none): cold {compare(c, 'faster', 'SLOWER')}, warm "
               f"{compare(w, 'faster', 'SLOWER')}, memory per rank {compare(m, 'less', 'MORE')}")
         return
-    cold_text = f"about even ({c:.2f}x; neither tokenizes up front)" if 0.8 <= c <= 1.25 else compare(c, "faster", "SLOWER")
-    print(f"vs LLaVA-lazy: cold start {cold_text}; warm start {compare(w, 'faster', 'SLOWER')}, from the second start on "
-          f"(vlmtune's cache; LLaVA repeats its json.load at every start); memory per rank {compare(m, 'less', 'MORE')}, "
-          f"at every start")
+    print(f"vs LLaVA-lazy (neither tokenizes up front): cold start {compare(c, 'faster', 'SLOWER')}; warm start "
+          f"{compare(w, 'faster', 'SLOWER')}, from the second start on (vlmtune's cache; LLaVA repeats its json.load at "
+          f"every start); memory per rank {compare(m, 'less', 'MORE')}, at every start")
     if m >= max(c, 2):
         print(f"the memory ratio is the real win over LLaVA's lazy dataset: {m:.1f}x less anonymous memory on each of a "
               f"node's {NODE} ranks, from the first start")
@@ -395,14 +398,15 @@ def main(argv=None) -> int:
             print(f"round {i + 1} of {args.rounds}:")
             for table in args.tables:
                 rounds[table].append(one_round(args, extra, table, Path(tmp) / f"cache_{table}_{i}"))
-        naive = run("naive", args, [*extra, "--baseline-records", str(args.baseline_records)])[0] if args.baseline_records else None
+        naive = None if not args.baseline_records else \
+            run("naive", args, [*extra, "--baseline-records", str(args.baseline_records)])[0]
     for table, table_rounds in rounds.items():
         summarize(table, table_rounds, naive)
     if naive:
-        print(f"\nnaive, an extra line (json.load, then every record tokenized up front in one process; {naive['measured']:,} "
-              f"of {naive['records']:,} records timed, extrapolated, run once: no ratio): json.load {naive['load_s']:.1f} s, "
-              f"RssAnon {naive['rss_after_load']['RssAnon']:.0f} MiB after it; tokenize_conversation {naive['per_record_s'] * 1e3:.2f} "
-              f"ms/record -> {naive['total_s']:.0f} s for the file")
+        print(f"\nnaive, an extra line (json.load, then every record tokenized up front in one process; "
+              f"{naive['measured']:,} of {naive['records']:,} records timed, extrapolated, run once: no ratio): json.load "
+              f"{naive['load_s']:.1f} s, RssAnon {naive['rss_after_load']['RssAnon']:.0f} MiB after it; tokenize_conversation "
+              f"{naive['per_record_s'] * 1e3:.2f} ms/record -> {naive['total_s']:.0f} s for the file")
     print(XTUNER)
     footer()
     return 0
