@@ -1,7 +1,8 @@
 """The `vlmtune` command: each subcommand parses its flags here and calls one function elsewhere.
 
-No logic lives here beyond argument parsing and turning errors into exit codes: a UserError prints one line
-and exits 2, a crash prints its traceback and exits 1, and a training child's exit code is passed through.
+No logic lives here beyond argument parsing, turning errors into exit codes and deciding, once for every
+command, whether it runs as several processes (`_launch`): a UserError prints one line and exits 2, a crash
+prints its traceback and exits 1, and torchrun's exit code (that of its ranks) is passed through.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="default ./work_dirs/<config name>")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the latest in the work dir")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config values")
-    p.add_argument("--launcher", choices=["none", "torchrun", "slurm"], default="none",
+    p.add_argument("--launcher", choices=["none", "slurm"], default="none",
                    help="slurm reads SLURM_* variables; NPROC_PER_NODE/NNODES/NODE_RANK/ADDR/PORT re-launch through torchrun")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.set_defaults(target="vlmtune.train:main")
@@ -151,19 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     quiet.install(args.verbose)  # before transformers, bitsandbytes or DeepSpeed are imported
-    args.argv = argv  # `train` re-launches itself through torchrun with the same arguments
+    args.argv = argv  # the command as typed (mmbench records it in args.json)
     try:
-        if args.command == "train":  # decide on torchrun before importing the (heavy) training stack
-            from vlmtune.config import load_config, parse_cfg_options
-            from vlmtune.engine.launch import relaunch
-            from vlmtune.paths import check_config_paths
-
-            # a bad config or a missing model/data path fails once, here, before torchrun and DeepSpeed start
-            check_config_paths(load_config(args.config, parse_cfg_options(args.cfg_options)))
-            code = relaunch(argv)
-            if code is not None:
-                return code
-        code = _resolve(args.target)(args)
+        code = _launch(args, argv)
+        if code is None:
+            code = _resolve(args.target)(args)
     except UserError as e:
         _say(f"vlmtune: error: {e}")
         return 2
@@ -171,6 +164,31 @@ def main(argv: list[str] | None = None) -> int:
         _say("vlmtune: interrupted")
         return 130
     return int(code or 0)
+
+
+def _launch(args, argv: list[str]) -> int | None:
+    """The one place that starts a command's other processes (train, and mmbench when it generates): torchrun's
+    exit code when NPROC_PER_NODE/NNODES ask for several (vlmtune/launch.py), else None: run in this process.
+
+    The command's cheap checks come first, here and before the heavy stack is imported: a bad config, path or
+    flag is one line before torchrun and DeepSpeed start, not one per rank."""
+    if args.command == "train":
+        from vlmtune.config import load_config, parse_cfg_options
+        from vlmtune.paths import check_config_paths
+
+        check_config_paths(load_config(args.config, parse_cfg_options(args.cfg_options)))
+    elif args.command == "mmbench" and not args.predictions:  # re-scoring --predictions is one process
+        from vlmtune.eval.mmbench import check_args
+
+        check_args(args)
+    else:
+        return None
+    from vlmtune.launch import relaunch, setup_slurm
+
+    code = relaunch(argv)
+    if code is None and args.command == "train" and args.launcher == "slurm":
+        setup_slurm()  # srun started this process as one rank: tell torch which
+    return code
 
 
 def _say(line: str) -> None:

@@ -49,7 +49,7 @@ class DataConfig:
     prompt_template: str
     max_length: int = 2048  # counts each image as the tokens it expands to (576 for CLIP-L/336)
     pad_image_to_square: bool = False
-    image_preprocess: str = "hf"  # "hf" (CLIPImageProcessor itself, bit-exact with transformers/XTuner) or "fast" (torch, ~2-3x)
+    image_preprocess: str = "hf"  # "hf" (the encoder's image processor itself, bit-exact with transformers/XTuner) or "fast" (torch; speed in docs/benchmarks.md)
     system: str = ""
     group_by_length: bool = True  # modality-aware length grouping, as LLaVA/XTuner
     pack_to_max_length: bool = False  # several whole samples per micro-batch, one sequence (data/sampler.py)

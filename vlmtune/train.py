@@ -19,9 +19,9 @@ from vlmtune.data.image import ImagePreprocessor, load_image
 from vlmtune.data.llava_json import RecordError
 from vlmtune.data.sampler import BatchSampler, PackedBatchSampler
 from vlmtune.data.templates import get_template
+from vlmtune.distributed import DistInfo, destroy_distributed, init_distributed
 from vlmtune.engine import checkpoint
-from vlmtune.engine.distributed import DistInfo, deepspeed_config, destroy_distributed, init_distributed
-from vlmtune.engine.launch import relaunch, setup_slurm
+from vlmtune.engine.deepspeed_config import deepspeed_config
 from vlmtune.engine.metrics import get_logger
 from vlmtune.engine.trainer import TrainState, fit, lr_lambda
 from vlmtune.errors import UserError
@@ -32,12 +32,7 @@ from vlmtune.weights import load_into_model, load_trained_weights
 
 
 def main(args) -> int:
-    """CLI entry: re-launch through torchrun when asked, else train in this process."""
-    code = relaunch(args.argv)
-    if code is not None:
-        return code
-    if args.launcher == "slurm":
-        setup_slurm()
+    """CLI entry: train in this process (vlmtune.cli has re-launched it under torchrun, or mapped srun's variables)."""
     options = parse_cfg_options(args.cfg_options)
     if args.seed is not None:
         options["seed"] = args.seed
@@ -105,7 +100,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
         logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
 
     evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, logger)
-    state = fit(engine, loader, sampler, cfg, info, work_dir, state, image_length, evaluate, logger)
+    state = fit(engine, loader, sampler, cfg, info, work_dir, state, total_steps, image_length, evaluate, logger)
     logger.info(f"done: {state.step} steps, {state.samples_seen} samples, {state.skipped} skipped; checkpoints in {work_dir}")
     return state
 

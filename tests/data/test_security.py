@@ -65,11 +65,10 @@ def test_convert_refuses_it_with_one_line_and_exit_2(tmp_path, capsys):
 
 def hostile_projector_folder(tmp_path: Path) -> tuple[Path, Path]:
     """(folder, marker): a converted projector/ folder whose pytorch_model.bin carries the payload."""
-    from vlmtune.convert import keymaps
 
     folder, marker = tmp_path / "projector", tmp_path / "marker"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": keymaps.PROJECTOR_MODEL_TYPE, "visual_hidden_size": 4,
+    (folder / "config.json").write_text(json.dumps({"model_type": "projector", "visual_hidden_size": 4,
                                                     "llm_hidden_size": 4, "depth": 2}))
     torch.save({"model.0.weight": torch.zeros(4, 4), "extra": Payload(marker)}, folder / "pytorch_model.bin")
     return folder, marker

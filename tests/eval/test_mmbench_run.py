@@ -23,12 +23,12 @@ from mmbench_tsv import base_questions, rotations, write_tsv
 from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
 from vlmtune.config import ModelConfig
-from vlmtune.convert.pth_to_hf import save_projector
-from vlmtune.eval.mmbench import (DEFAULT_MAX_NEW_TOKENS, batches, find_resumable, gather_predictions,
-                                  generation_args, image_groups, run_mmbench, shard)
+from vlmtune.convert.xtuner import save_projector
+from vlmtune.eval.mmbench import DEFAULT_MAX_NEW_TOKENS, RESULT_GLOB, generation_args, mmbench_items, run_mmbench
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
-from vlmtune.eval.results import read_predictions, write_args
+from vlmtune.eval.results import read_predictions
+from vlmtune.eval.runner import batches, find_resumable, gather_predictions, image_groups, shard, write_args
 from vlmtune.eval.scoring import score
 from vlmtune.inference import Generator
 from vlmtune.loading import load_generator
@@ -121,10 +121,10 @@ def test_batched_equals_one_at_a_time(generator, mixed_tsv, one_at_a_time, tmp_p
 def test_rotations_are_grouped_longest_first_and_batched_whole(generator, mixed_tsv):
     questions = load_mmbench(mixed_tsv).questions
     prompts = {q.index: generator.prompt_ids([(build_prompt(q), None)]) for q in questions}
-    groups = image_groups(questions, prompts)
-    assert [len({q.index % 1_000_000 for q in g}) for g in groups] == [1, 1, 1]  # a question's 4 rotations
-    assert sorted(q.index for g in groups for q in g) == sorted(q.index for q in questions)
-    longest = [max(len(prompts[q.index]) for q in g) for g in groups]
+    groups = image_groups(mmbench_items(generator, questions, MAX_NEW))
+    assert [len({q.id % 1_000_000 for q in g}) for g in groups] == [1, 1, 1]  # a question's 4 rotations
+    assert sorted(q.id for g in groups for q in g) == sorted(q.index for q in questions)
+    longest = [max(len(prompts[q.id]) for q in g) for g in groups]
     assert longest == sorted(longest, reverse=True) and longest[0] == max(len(p) for p in prompts.values())
 
     def sizes(batch_size: int) -> list[list[int]]:
@@ -258,26 +258,27 @@ def test_only_unfinished_runs_with_the_same_generation_arguments_resume(model_ar
     run_dir = tmp_path / "20250101_000000"
     run_dir.mkdir()
     write_args(run_dir, {"generation": wanted()})
-    assert find_resumable(tmp_path, wanted("--batch-size", "3", "--matcher", "xtuner", "--device", "cuda")) == run_dir
-    assert find_resumable(tmp_path, wanted("--max-new-tokens", "3")) is None
-    assert find_resumable(tmp_path, wanted("--no-pad-image-to-square")) is None
+    assert find_resumable(tmp_path, wanted("--batch-size", "3", "--matcher", "xtuner", "--device", "cuda"),
+                          RESULT_GLOB) == run_dir
+    assert find_resumable(tmp_path, wanted("--max-new-tokens", "3"), RESULT_GLOB) is None
+    assert find_resumable(tmp_path, wanted("--no-pad-image-to-square"), RESULT_GLOB) is None
     (run_dir / "MMBench_DEV_EN_result.xlsx").touch()  # finished: a rerun starts a new evaluation
-    assert find_resumable(tmp_path, wanted()) is None
+    assert find_resumable(tmp_path, wanted(), RESULT_GLOB) is None
 
 
 @pytest.mark.slow
-def test_shard_keeps_rotations_on_one_rank_and_covers_every_row_once(mixed_tsv):
+def test_shard_keeps_rotations_on_one_rank_and_covers_every_row_once(generator, mixed_tsv):
     questions = load_mmbench(mixed_tsv).questions
-    parts = [shard(questions, rank, 3) for rank in range(3)]
-    indices = [q.index for part in parts for q in part]
+    parts = [shard(mmbench_items(generator, questions, MAX_NEW), rank, 3) for rank in range(3)]
+    indices = [q.id for part in parts for q in part]
     assert sorted(indices) == sorted(q.index for q in questions) and len(set(indices)) == len(indices)
     assert all(parts)  # every rank gets work
     for part in parts:  # a question's rotations (index % 1e6) all land on the rank that has any of them
-        base = {q.index % 1_000_000 for q in part}
-        assert {q.index for q in questions if q.index % 1_000_000 in base} == {q.index for q in part}
+        base = {q.id % 1_000_000 for q in part}
+        assert {q.index for q in questions if q.index % 1_000_000 in base} == {q.id for q in part}
 
 
-def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, tmp_path):
+def test_two_processes_split_the_rows_and_rank0_gathers(generator, model_args, mixed_tsv, tmp_path):
     single = tmp_path / "single"
     assert cli_main(command(model_args, mixed_tsv, single, "--batch-size", "4")) == 0
     with socket.socket() as s:  # a free port: torchrun's default 29500 may be taken by another job
@@ -292,7 +293,7 @@ def test_two_processes_split_the_rows_and_rank0_gathers(model_args, mixed_tsv, t
     assert logs == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]
     rank1 = read_predictions(run_dir / "predictions.rank1.jsonl")
     questions = load_mmbench(mixed_tsv).questions
-    assert sorted(rank1) == sorted(q.index for q in shard(questions, 1, 2))
+    assert sorted(rank1) == sorted(q.id for q in shard(mmbench_items(generator, questions, MAX_NEW), 1, 2))
     assert sorted(rank1 | read_predictions(run_dir / "predictions.rank0.jsonl")) == sorted(q.index for q in questions)
     assert gather_predictions(run_dir) == gather_predictions(run_dirs(single)[0])
     assert read_predictions(run_dir / "MMBench_DEV_EN_result.xlsx") == gather_predictions(run_dir)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from vlmtune.errors import UserError
 from vlmtune.eval.mmbench_data import load_mmbench
-from vlmtune.eval.results import PredictionStore, finish_run, make_run_dir, read_predictions, rescore
+from vlmtune.eval.results import finish_run, read_predictions, rescore
+from vlmtune.eval.runner import PredictionStore, make_run_dir
 from vlmtune.eval.scoring import score
 
 WRONG = "I do not know"  # extracts to nothing with either matcher

@@ -188,7 +188,7 @@ def test_training_path_with_pack_to_max_length(tiny, tiny_tokenizer, model, tmp_
 
     from vlmtune.config import load_config
     from vlmtune.data.dataset import build_dataset
-    from vlmtune.engine.distributed import DistInfo
+    from vlmtune.distributed import DistInfo
     from vlmtune.train import _batching
 
     cfg = load_config("tiny_llava_finetune_lora", {"pack_to_max_length": True, "max_packed_length": 2048})

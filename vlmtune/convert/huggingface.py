@@ -42,7 +42,7 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaConfig
 
-    if model.projector.depth != 2:
+    if not model.projector.fits_transformers_llava:
         raise UserError(f"--save-format huggingface needs projector_depth=2 (transformers' Llava has two linear "
                         f"layers), this model has {model.projector.depth}; use --save-format xtuner")
     select_layer, projector = model.visual_select_layer, prefixed(model.projector, "projector.")

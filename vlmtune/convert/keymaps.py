@@ -62,10 +62,6 @@ OFFICIAL_LLAVA: tuple[tuple[str, str], ...] = (
 # The `projector/` folder of XTuner's layout: a ProjectorModel whose keys are `model.0.weight`, ...
 XTUNER_PROJECTOR: tuple[tuple[str, str], ...] = (("projector.", ""),)
 
-# XTuner's `projector/config.json` keys (ProjectorConfig) and the `model_type` it registers.
-PROJECTOR_MODEL_TYPE = "projector"
-PROJECTOR_CONFIG_KEYS = ("visual_hidden_size", "llm_hidden_size", "depth", "hidden_act", "bias")
-
 # haotian-liu/LLaVA class and model_type per LLM model_type (LLaVA-1.5 has Llama and, later, Mistral;
 # model_type "llava" is what the released llava-v1.5 checkpoints and XTuner's converter write).
 OFFICIAL_ARCHITECTURES: dict[str, tuple[str, str]] = {

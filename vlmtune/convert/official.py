@@ -25,7 +25,7 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
         raise UserError(f"--save-format official supports {', '.join(keymaps.OFFICIAL_ARCHITECTURES)} LLMs "
                         f"(haotian-liu/LLaVA's classes), not {llm_type!r}; use --save-format huggingface or xtuner")
     clip_trained = trained_parts(cfg)["visual_encoder"] is not None
-    depth, select_layer = model.projector.depth, model.visual_select_layer
+    projector_type, select_layer = model.projector.official_type, model.visual_select_layer
     state = prefixed(model.projector, "projector.")
     llm, clip = merged_parts(model)
     state.update(prefixed(llm, "llm."))
@@ -35,13 +35,13 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
         state.pop("llm.lm_head.weight", None)  # shared with embed_tokens; LLaVA ties it again on load
     state = {k: v.contiguous() for k, v in rename(state, keymaps.OFFICIAL_LLAVA).items()}
     save_torch_state_dict(state, str(save_dir), max_shard_size=max_shard_size)
-    config = _official_config(llm, clip, cfg, depth, select_layer, clip_trained)
+    config = _official_config(llm, clip, cfg, projector_type, select_layer, clip_trained)
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_files(cfg.model.llm_name_or_path, save_dir)  # LLaVA runs on transformers 4.x: the original files
     load_image_processor(cfg.model.visual_encoder_name_or_path).save_pretrained(save_dir)
 
 
-def _official_config(llm, clip, cfg: Config, depth: int, select_layer: int, clip_trained: bool) -> dict:
+def _official_config(llm, clip, cfg: Config, projector_type: str, select_layer: int, clip_trained: bool) -> dict:
     """The LLM's config plus LLaVA-1.5's mm_* keys (what llava/model/llava_arch.py reads)."""
     architecture, model_type = keymaps.OFFICIAL_ARCHITECTURES[llm.config.model_type]
     values = llm.config.to_dict()
@@ -53,7 +53,7 @@ def _official_config(llm, clip, cfg: Config, depth: int, select_layer: int, clip
         torch_dtype=str(llm.dtype).removeprefix("torch."),  # the key transformers 4 (LLaVA's) reads
         image_aspect_ratio="pad" if cfg.data.pad_image_to_square else "square",
         mm_hidden_size=clip.config.hidden_size,
-        mm_projector_type="linear" if depth == 1 else f"mlp{depth}x_gelu",
+        mm_projector_type=projector_type,
         mm_use_im_patch_token=False,
         mm_use_im_start_end=False,
         mm_vision_select_feature="patch",

@@ -49,13 +49,9 @@ def save_projector(model: LlavaModel, folder: Path) -> None:
     from vlmtune.convert.projector_hf.configuration_projector import ProjectorConfig
     from vlmtune.convert.projector_hf.modeling_projector import ProjectorModel
 
-    first = model.projector.first
-    config = ProjectorConfig(
-        visual_hidden_size=first.in_features, llm_hidden_size=first.out_features,
-        depth=model.projector.depth, hidden_act="gelu", bias=first.bias is not None,
-    )
-    config.dtype = first.weight.dtype
-    hf = ProjectorModel(config).to(first.weight.dtype)
+    config = ProjectorConfig(**model.projector.config())
+    config.dtype = model.projector.dtype
+    hf = ProjectorModel(config).to(model.projector.dtype)
     hf.load_state_dict(rename(prefixed(model.projector, "projector."), keymaps.XTUNER_PROJECTOR), strict=True)
     hf.save_pretrained(folder)  # _auto_class: the two model files are copied in, with an auto_map
 
@@ -128,9 +124,7 @@ def load_projector(folder: Path) -> Projector:
     """A projector/ folder (ours or XTuner's: same config keys and weight names) as our Projector; its
     model code (XTuner's configuration_/modeling_projector.py) is never imported."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != keymaps.PROJECTOR_MODEL_TYPE or config.get("hidden_act", "gelu") != "gelu":
-        raise UserError(f"{folder}: not a LLaVA gelu projector (model_type {config.get('model_type')!r})")
-    projector = Projector(config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config.get("bias", True))
+    projector = Projector.from_config(config, str(folder))
     state = read_weights_file(folder)  # keymaps.XTUNER_PROJECTOR: the folder's names are the module's own
     missing, unexpected = projector.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -21,7 +21,7 @@ import torch
 
 from vlmtune.config import Config
 from vlmtune.convert import keymaps
-from vlmtune.engine.distributed import DistInfo, barrier
+from vlmtune.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
 from vlmtune.weights import DS_TAG, FORMAT, rename, safe_load
 _ITER = re.compile(r"^iter_(\d+)\.pth$")

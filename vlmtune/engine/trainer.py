@@ -5,6 +5,10 @@ counts the target tokens of its micro-batches and the counts are summed over ran
 then backpropagates loss_sum * world_size / N: DeepSpeed averages gradients over ranks (/ world_size) and
 we tell it not to divide by the accumulation count, so the step's gradient is exactly
 d(sum of all token losses of the global batch) / N, whatever the split into micro-batches and ranks.
+
+N is counted from the labels (`count_tokens`), not taken from the model's forward, which returns the same
+number (its targets after the image splice: an image adds only IGNORE_INDEX labels): the first backward of a
+step needs N for the whole step on every rank, before the step's later micro-batches have run forward.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from tqdm import tqdm
 
 from vlmtune.config import Config
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vlmtune.distributed import DistInfo, all_reduce_sum
 from vlmtune.engine import checkpoint
-from vlmtune.engine.distributed import DistInfo, all_reduce_sum
 from vlmtune.engine.metrics import Metrics
 from vlmtune.errors import UserError
 
@@ -78,10 +82,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, state: TrainState,
-        image_length: int, evaluate, logger) -> TrainState:
-    """Train from `state.step` to the last step; checkpoint, log and evaluate on the way."""
+        total_steps: int, image_length: int, evaluate, logger) -> TrainState:
+    """Train from `state.step` to `total_steps` (the LR schedule's length); checkpoint, log and evaluate on the way."""
     tc = cfg.train
-    total_steps = tc.max_steps or (tc.max_epochs * len(sampler)) // tc.accumulative_counts
     if total_steps <= 0:
         raise UserError(f"nothing to train: {len(sampler)} micro-batches per epoch, accumulative_counts={tc.accumulative_counts}")
     stream = micro_batches(loader, sampler, state.step * tc.accumulative_counts)
@@ -100,7 +103,7 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
             n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
             lr = engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside its last engine.step()
             loss_sum = torch.zeros((), dtype=torch.float64)
-            for _, batch in batches:
+            for _, batch in batches:  # the model's target count (discarded) is this batch's share of n_targets
                 out_sum, _ = engine(**{k: _to(batch[k], info.device) for k in MODEL_INPUTS if k in batch})
                 engine.backward(out_sum * info.world_size / max(n_targets, 1), scale_wrt_gas=False)
                 engine.step()

@@ -1,24 +1,15 @@
-"""MMBench run outputs: the timestamped run folder, args.json, the predictions sheet, the resumable
-prediction log, and `finish_run` / `rescore`, which turn predictions into the sheet and the report.
+"""MMBench outputs: the predictions sheet, and `finish_run` / `rescore`, which turn predictions into the sheet
+and the report.
 
-A model-driven `run_mmbench(generator, data_path, work_dir, ...)` is expected to do:
-
-    data = load_mmbench(data_path)
-    run_dir = make_run_dir(work_dir)
-    write_args(run_dir, args)
-    with PredictionStore(run_dir / "predictions.jsonl") as store:  # or an earlier run's file, to resume
-        todo = [q for q in data.questions if q.index not in store.done]
-        for q, text in zip(todo, generate([build_prompt(q) for q in todo], [decode_image(q) for q in todo])):
-            store.add(q.index, text)
-    finish_run(data, store.done, matcher, run_dir)
+The run folder, args.json and the resumable prediction logs are the eval runner's (eval/runner.py); `finish_run`
+is what `vlmtune mmbench` hands the runner to call on rank 0 once every row is predicted, and `rescore` runs it
+on an existing predictions file without a model.
 
 The sheet is the MMBench submission format on test files: the TSV's columns without `image`, plus
 `prediction`. XTuner's mmbench_result.xlsx and VLMEvalKit's prediction xlsx load back with `rescore` too.
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,79 +18,8 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from vlmtune.errors import UserError
 from vlmtune.eval.matchers import check_matcher
 from vlmtune.eval.mmbench_data import MMBenchData, load_mmbench, parse_index
+from vlmtune.eval.runner import make_run_dir, read_prediction_log, write_args
 from vlmtune.eval.scoring import Report, Verdict, format_table, score, write_report
-
-
-def make_run_dir(work_dir: str | Path) -> Path:
-    """A new work_dir/YYYYmmdd_HHMMSS folder (XTuner's layout); '_2', '_3'... if that second is taken."""
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    for k in range(1, 1000):
-        run_dir = Path(work_dir) / (stamp if k == 1 else f"{stamp}_{k}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise UserError(f"{work_dir}: too many runs started at {stamp}")
-
-
-def write_args(run_dir: Path, args: dict) -> Path:
-    """Save the run's arguments as args.json (values that are not JSON are written as strings)."""
-    path = run_dir / "args.json"
-    path.write_text(json.dumps(args, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-class PredictionStore:
-    """Append-only JSONL of {"index", "prediction"} lines; reopening the file resumes where it stopped.
-
-    `done` maps index -> prediction for every complete line. A partial last line (a crash mid-write) is cut
-    off on open, so new lines never glue onto it. Each line is flushed as soon as it is written.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.done: dict[int, str] = read_prediction_log(self.path, repair=True)
-        self._file = self.path.open("a", encoding="utf-8")
-
-    def add(self, index: int, prediction: str) -> None:
-        """Record one prediction and flush it to disk."""
-        line = json.dumps({"index": int(index), "prediction": prediction}, ensure_ascii=False)
-        self._file.write(line + "\n")
-        self._file.flush()
-        self.done[int(index)] = prediction
-
-    def close(self) -> None:
-        """Close the file (further `add`s fail)."""
-        self._file.close()
-
-    def __enter__(self) -> PredictionStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_prediction_log(path: Path, repair: bool = False) -> dict[int, str]:
-    """Index -> prediction from a PredictionStore file; a partial last line is ignored (cut off if repair)."""
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]  # b"" when no line is complete
-    if repair and len(complete) < len(raw):
-        with path.open("r+b") as f:
-            f.truncate(len(complete))
-    done = {}
-    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            prediction = record["prediction"]
-            done[int(record["index"])] = "" if prediction is None else str(prediction)  # null: no answer
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: line {number} is not an {{index, prediction}} record ({e})") from None
-    return done
-
 
 PREDICTION_SUFFIXES = (".xlsx", ".csv", ".tsv", ".jsonl")
 

@@ -1,8 +1,18 @@
-"""The multimodal projector: CLIP features -> LLM embedding space (LLaVA's `mlp2x_gelu`)."""
+"""The multimodal projector: encoder features -> LLM embedding space (LLaVA's `mlp2x_gelu`).
+
+Its facts live here: the layers, the config it is described by (XTuner's ProjectorConfig keys, which the
+xtuner layout writes to projector/config.json and reads back, `config` / `from_config`), whether transformers'
+Llava can hold it (`fits_transformers_llava`) and its name in haotian-liu/LLaVA's config (`official_type`).
+Another projector type is a change to this file (and its config key in config.py).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from vlmtune.errors import UserError
+
+MODEL_TYPE = "projector"  # XTuner's ProjectorConfig.model_type
 
 
 class Projector(nn.Module):
@@ -28,6 +38,28 @@ class Projector(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.first.weight.dtype
+
+    def config(self) -> dict:
+        """XTuner's ProjectorConfig keys (what projector/config.json holds)."""
+        return dict(visual_hidden_size=self.first.in_features, llm_hidden_size=self.first.out_features,
+                    depth=self.depth, hidden_act="gelu", bias=self.first.bias is not None)
+
+    @classmethod
+    def from_config(cls, config: dict, source: str) -> Projector:
+        """The projector a projector/config.json (ours or XTuner's) describes; `source` names it in errors."""
+        if config.get("model_type") != MODEL_TYPE or config.get("hidden_act", "gelu") != "gelu":
+            raise UserError(f"{source}: not a LLaVA gelu projector (model_type {config.get('model_type')!r})")
+        return cls(config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config.get("bias", True))
+
+    @property
+    def fits_transformers_llava(self) -> bool:
+        """transformers' LlavaMultiModalProjector is exactly linear_1 -> act -> linear_2 (keymaps.HUGGINGFACE_LLAVA)."""
+        return self.depth == 2
+
+    @property
+    def official_type(self) -> str:
+        """haotian-liu/LLaVA's `mm_projector_type`."""
+        return "linear" if self.depth == 1 else f"mlp{self.depth}x_gelu"
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[N, P, visual_hidden] -> [N, P, llm_hidden]."""

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.engine.launch import relaunch, setup_slurm, torchrun_command
 from vlmtune.errors import UserError
+from vlmtune.launch import relaunch, setup_slurm, torchrun_command
 
 LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK",
                "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
@@ -103,7 +103,7 @@ def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from vlmtune.engine.launch import die_with_parent\n"
+        "from vlmtune.launch import die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
         " preexec_fn=die_with_parent, start_new_session=True)\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
@@ -132,3 +132,34 @@ def _state(proc_dir: Path) -> str:
         return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+# ---- the CLI decides, once, before torchrun ---------------------------------------------------------------------
+
+
+def _vlmtune(*args: str) -> subprocess.CompletedProcess:
+    """`python -m vlmtune ...` with this test's environment (the `env` fixture's variables)."""
+    return subprocess.run([sys.executable, "-m", "vlmtune", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_mmbench_flags_are_checked_once_before_torchrun_starts(env, tmp_path):
+    env.setenv("NPROC_PER_NODE", "2")
+    out = _vlmtune("mmbench", "some/model", "--data-path", str(tmp_path / "x.tsv"), "--batch-size", "0")
+    assert out.returncode == 2 and out.stderr == "vlmtune: error: --batch-size and --max-new-tokens must be at least 1\n"
+    out = _vlmtune("mmbench", "--data-path", str(tmp_path / "x.tsv"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "give the model to evaluate" in out.stderr
+
+
+def test_rescoring_predictions_runs_in_one_process(env, tmp_path):
+    """`mmbench --predictions` reads a file and scores it: NPROC_PER_NODE does not start ranks for it."""
+    env.setenv("NPROC_PER_NODE", "2")
+    out = _vlmtune("mmbench", "--predictions", str(tmp_path / "p.xlsx"), "--data-path", str(tmp_path / "x.tsv"),
+                   "--work-dir", str(tmp_path / "w"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "launching" not in out.stderr
+
+
+def test_launcher_choices_are_none_and_slurm(env, tmp_path):
+    """torchrun is not a --launcher: NPROC_PER_NODE/NNODES start it (as `xtuner train`), whatever the flag."""
+    out = _vlmtune("train", "tiny_llava_pretrain", "--launcher", "torchrun")
+    assert out.returncode == 2 and "invalid choice: 'torchrun' (choose from 'none', 'slurm')" in out.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlmtune.config import TrainConfig
-from vlmtune.engine.distributed import DEEPSPEED_DIR, all_reduce_sum, deepspeed_config, resolve_deepspeed
+from vlmtune.engine.deepspeed_config import DEEPSPEED_DIR, deepspeed_config, resolve_deepspeed
 from vlmtune.errors import UserError
 
 SHIPPED = {"deepspeed_zero1": 1, "deepspeed_zero2": 2, "deepspeed_zero2_offload": 2, "deepspeed_zero3": 3,
@@ -82,9 +82,3 @@ def test_unknown_name_and_broken_json_are_user_errors(tmp_path):
     broken.write_text('{\n  "zero_optimization": {"stage": 2},\n  oops\n}')
     with pytest.raises(UserError, match="broken.json: invalid JSON at line 3"):
         deepspeed_config(str(broken), TrainConfig(), torch.float32, 1, CPU)
-
-
-def test_all_reduce_sum_without_a_process_group_is_a_copy():
-    value = torch.tensor([1, 2, 3])
-    out = all_reduce_sum(value)
-    assert torch.equal(out, value) and out.data_ptr() != value.data_ptr()

@@ -1,7 +1,10 @@
 """Launching: one process by default, torchrun when NPROC_PER_NODE/NNODES are set, or slurm's variables.
 
-The environment variables are XTuner's: NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT. The parent waits for
-torchrun and returns its exit code, so a crash in any rank makes `vlmtune train` fail.
+The environment variables are XTuner's: NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT. `vlmtune.cli.main` is the
+one place that decides, for every command that can run as several processes (train, mmbench): it re-runs the
+same command under torchrun and waits, returning torchrun's exit code, so a crash in any rank fails the command.
+Only the standard library here: the parent decides before torch or the training stack is imported. The ranks
+then join the process group in vlmtune/distributed.py.
 """
 from __future__ import annotations
 
@@ -59,10 +62,10 @@ def relaunch(argv: list[str]) -> int | None:
 def die_with_parent() -> None:
     """Have Linux SIGKILL this process when the process that started it exits (no-op elsewhere).
 
-    torchrun starts each worker in a session of its own, so killing `vlmtune train` and torchrun (kill -9 of the
-    process group, an out-of-memory kill, or Ctrl-C, after which subprocess.call SIGKILLs torchrun) would leave
-    the ranks training on, unsupervised, still writing into the work dir. Set for torchrun (by `relaunch`, before
-    exec) and in each worker."""
+    torchrun starts each worker in a session of its own, so killing `vlmtune train` (or mmbench) and torchrun
+    (kill -9 of the process group, an out-of-memory kill, or Ctrl-C, after which subprocess.call SIGKILLs
+    torchrun) would leave the ranks running on, unsupervised, still writing into the work dir. Set for torchrun
+    (by `relaunch`, before exec) and in each worker."""
     if sys.platform.startswith("linux"):
         import ctypes
 

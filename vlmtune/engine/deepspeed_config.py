@@ -1,0 +1,47 @@
+"""DeepSpeed configuration: the vlmtune config's batch/accumulation/clipping/precision written into the chosen
+DeepSpeed JSON, so the vlmtune config is the one source of truth.
+
+DeepSpeed does the distributed work of training (ZeRO sharding, gradient reduction); the process group it runs
+in is vlmtune/distributed.py's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmtune.config import CONFIG_DIR, TrainConfig, find_file
+from vlmtune.errors import UserError
+
+DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
+
+
+def resolve_deepspeed(name_or_path: str) -> Path:
+    """A DeepSpeed JSON given by path or by shipped name (deepspeed_zero2, ...)."""
+    path = find_file(name_or_path, DEEPSPEED_DIR, ".json")
+    if path is not None:
+        return path
+    names = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
+    raise UserError(f"--deepspeed {name_or_path!r} is neither a JSON file nor one of: {names}")
+
+
+def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed JSON with every value vlmtune owns filled in from the vlmtune config."""
+    path = resolve_deepspeed(name_or_path)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("fp16 training is not supported on CPU (DeepSpeed refuses it); use torch_dtype='bfloat16' or 'float32'")
+    cfg.update(
+        train_micro_batch_size_per_gpu=train.batch_size,
+        gradient_accumulation_steps=train.accumulative_counts,
+        train_batch_size=train.batch_size * train.accumulative_counts * world_size,
+        gradient_clipping=train.max_norm,
+        steps_per_print=10**9,  # vlmtune logs; keep DeepSpeed quiet
+    )
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == torch.float16}
+    return cfg
