@@ -4,7 +4,7 @@
 hostile files, and one record per case into root/data.json; `Case.blocking` is the reason check must give
 (None for a good record) and `Case.warnings` the warnings it must give, nothing more. Long texts assume a
 check with max_length=MAX_LENGTH and 576 tokens per image. `build_broken_files(root)` writes a JSON list
-and a JSONL file with a syntax error at known places.
+and a JSONL file with a syntax error at known places; `corpus_as_jsonl(corpus)` the corpus as JSONL.
 """
 from __future__ import annotations
 
@@ -185,3 +185,16 @@ def build_broken_files(root: Path) -> dict:
     broken_jsonl = root / "broken.jsonl"
     broken_jsonl.write_text("\n".join(lines) + "\n")
     return {"json": (broken_json, 4, 1), "jsonl": (broken_jsonl, 3, 3)}
+
+
+def corpus_as_jsonl(corpus: Corpus) -> Path:
+    """The corpus's records one per line in data.jsonl, as JSONL files come: CRLF line ends on some lines, a
+    blank line (so a record's line is not its index + 1) and a last line cut off, a `json_syntax` record
+    (index len(corpus.cases))."""
+    lines = [json.dumps(c.record, ensure_ascii=False).replace("\ud83d", "\\ud83d") for c in corpus.cases]
+    lines = [line + ("\r" if i % 3 == 0 else "") for i, line in enumerate(lines)]
+    lines.insert(5, "  ")
+    lines.append(json.dumps(corpus.cases[0].record)[:-7])
+    path = corpus.data_json.with_suffix(".jsonl")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

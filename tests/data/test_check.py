@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bad_corpus import MAX_LENGTH, build_broken_files, build_corpus
+
 from vlmtune.cli import main as cli
 from vlmtune.data.check import BLOCKING, WARNINGS, Settings, run_check
 
@@ -83,7 +83,8 @@ def test_clean_output_builds_with_nothing_dropped_and_trains(corpus, checked, ti
     from vlmtune.data.collate import collate
     from vlmtune.data.dataset import build_dataset
     from vlmtune.data.image import ImagePreprocessor
-    from vlmtune.model.build import build_model, load_image_processor
+    from vlmtune.model.build import build_model
+    from vlmtune.model.vision import load_image_processor
 
     _, _, clean = checked
     cfg = load_config("tiny_llava_pretrain", {"data_path": str(clean), "image_folder": str(corpus.image_folder),

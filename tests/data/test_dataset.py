@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import vlmtune.data.dataset as dataset_module
 from vlmtune.config import DataConfig
 from vlmtune.constants import IMAGE_TOKEN_INDEX
 from vlmtune.data.dataset import build_dataset
@@ -20,7 +21,7 @@ from vlmtune.data.image import ImagePreprocessor
 from vlmtune.data.llava_json import normalize_record
 from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import tokenize_conversation
-from vlmtune.model.build import load_image_processor
+from vlmtune.model.vision import load_image_processor
 
 
 def conv(*values):
@@ -138,6 +139,37 @@ def test_cache_is_invalidated_when_the_data_file_changes(setup):
     Path(cfg.data_path).write_text(json.dumps(records), encoding="utf-8")
     dataset, report = build(setup)
     assert len(cache_entries(cache)) == 2 and report.total == 2 and list(dataset.table["id"]) == ["img", "txt"]
+
+
+@pytest.mark.parametrize("module", dataset_module.RULE_MODULES)
+def test_cache_key_changes_with_the_source_of_any_rule_module(setup, monkeypatch, module):
+    """The key hashes the source of the modules that make the rows: an edit to any of them (even a comment)
+    gives a new key; the same sources give the same key."""
+    cfg, tokenizer, _, _ = setup
+    key = dataset_module.cache_key(cfg, tokenizer, 576)
+    read = dataset_module.rule_source
+    assert len(dataset_module.RULE_MODULES) == 6 and b"\"\"\"" in read(module)  # the real source file
+    def edited(name: str) -> bytes:
+        return read(name) + (b"# a comment\n" if name == module else b"")
+
+    monkeypatch.setattr(dataset_module, "rule_source", edited)
+    assert dataset_module.cache_key(cfg, tokenizer, 576) != key
+    monkeypatch.setattr(dataset_module, "rule_source", lambda name: bytes(read(name)))
+    assert dataset_module.cache_key(cfg, tokenizer, 576) == key
+
+
+def test_cache_key_covers_every_template_field(setup, monkeypatch):
+    cfg, tokenizer, _, _ = setup
+    template = get_template(cfg.prompt_template)
+    key = dataset_module.cache_key(cfg, tokenizer, 576)
+    for field in dataclasses.fields(template):
+        value = getattr(template, field.name)
+        changed = not value if isinstance(value, bool) else (*value, "x") if isinstance(value, tuple) else value + "x"
+        edited = dataclasses.replace(template, **{field.name: changed})
+        monkeypatch.setattr(dataset_module, "get_template", lambda _, t=edited: t)
+        assert dataset_module.cache_key(cfg, tokenizer, 576) != key, field.name
+    monkeypatch.setattr(dataset_module, "get_template", lambda _: dataclasses.replace(template))
+    assert dataset_module.cache_key(cfg, tokenizer, 576) == key
 
 
 def test_missing_data_file_is_a_user_error(setup):

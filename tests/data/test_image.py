@@ -7,9 +7,15 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from vlmtune.data.image import ImagePreprocessor, expand2square, load_image, resolve_image_path, to_rgb
+from vlmtune.data.image import (
+    ImagePreprocessor,
+    expand2square,
+    load_image,
+    resolve_image_path,
+    to_rgb,
+)
 from vlmtune.data.llava_json import RecordError
-from vlmtune.model.build import load_image_processor
+from vlmtune.model.vision import load_image_processor
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -1,103 +1,13 @@
-"""LLaVA JSON reading and record normalisation (XTuner's llava_map_fn rules, plus named errors)."""
+"""LLaVA record normalisation (XTuner's llava_map_fn rules, plus named errors)."""
 from __future__ import annotations
-
-import json
 
 import pytest
 
-from vlmtune.data.llava_json import RecordError, normalize_record, read_records, record_chunks
-from vlmtune.errors import UserError
+from vlmtune.data.llava_json import RecordError, normalize_record
 
 
 def msgs(*pairs):
     return [{"from": role, "value": value} for role, value in pairs]
-
-
-# ---- reading files
-
-
-def test_json_list_and_jsonl_give_the_same_records(tmp_path):
-    records = [{"id": i, "conversations": msgs(("human", f"q{i}"), ("gpt", f"a{i}"))} for i in range(3)]
-    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
-    assert list(read_records(tmp_path / "d.json")) == records
-    assert list(read_records(tmp_path / "d.jsonl")) == records  # blank lines are skipped
-
-
-def test_broken_json_names_file_line_and_column(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text('[\n  {"id": 1},\n  {"id": 2,,}\n]')
-    with pytest.raises(UserError, match=r"bad\.json: invalid JSON at line 3 column 12"):
-        list(read_records(path))
-
-
-def test_broken_jsonl_line_is_named(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"id": 1}\n{"id": 2\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl: invalid JSON at line 2 "):
-        list(read_records(path))
-
-
-def test_missing_file_and_non_list_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="data file not found"):
-        list(read_records(tmp_path / "nope.json"))
-    (tmp_path / "obj.json").write_text('{"conversations": []}')
-    with pytest.raises(UserError, match=r"found an object \(one record per line\? name the file \.jsonl\); expected a JSON list of records"):
-        list(read_records(tmp_path / "obj.json"))
-
-
-@pytest.mark.parametrize("ending", ["\r\n", "\r"])
-def test_check_and_training_split_jsonl_lines_alike(tmp_path, ending):
-    """CRLF lines are records to both readers; a bare "\r" (old Mac) is no line break to either, so data check
-    and the table build report the same records."""
-    from vlmtune.data.llava_json import JSONSyntaxError, parse_chunk
-
-    record = '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(ending.join([record] * 3).encode() + ending.encode())
-
-    def kinds(records):
-        return [type(r).__name__ for r in records]
-
-    checked = []
-    try:
-        checked = list(read_records(path))
-    except JSONSyntaxError as e:
-        checked = [e]
-    built = [r for chunk in record_chunks(path, 40) for r in parse_chunk(path, chunk)]
-    assert kinds(checked) == kinds(built) == (["dict"] * 3 if ending == "\r\n" else ["JSONSyntaxError"])
-
-
-@pytest.mark.parametrize("name", ["x.json", "x.jsonl"])
-def test_gzip_and_latin1_files_are_one_line_errors_in_check_and_in_training(tmp_path, name):
-    import gzip
-
-    from vlmtune.data.table import Settings, write_table
-    from vlmtune.data.templates import get_template
-
-    record = '[{"conversations": [{"from": "human", "value": "caf\u00e9"}, {"from": "gpt", "value": "ok"}]}]'
-    if name.endswith(".jsonl"):
-        record = record[1:-1]
-    cases = {"gz": (gzip.compress(record.encode()), "gzip-compressed: unpack it first"),
-             "latin1": (record.encode("latin-1"), r"not UTF-8 text \(invalid continuation byte\): convert it to UTF-8")}
-    for kind, (data, message) in cases.items():
-        path = tmp_path / kind / name
-        path.parent.mkdir()
-        path.write_bytes(data)
-        with pytest.raises(UserError, match=message):  # data check's reader
-            list(read_records(path))
-        with pytest.raises(UserError, match=message):  # the table build: chunks, then the located error
-            write_table(Settings(str(path), get_template("vicuna"), 2048, 576, ""), None, tmp_path / kind / "t.arrow")
-
-
-def test_a_json_list_named_jsonl_says_so_in_check_and_in_training(tmp_path):
-    path = tmp_path / "list.jsonl"
-    path.write_text('\n  [\n {"conversations": []},\n {"conversations": []}\n]\n')
-    message = r"list\.jsonl: starts with `\[`, a JSON list, not one record per line; name the file \.json"
-    with pytest.raises(UserError, match=message):  # data check's reader
-        list(read_records(path))
-    with pytest.raises(UserError, match=message):  # the table build's chunker
-        list(record_chunks(path))
 
 
 # ---- normalising one record

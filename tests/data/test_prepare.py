@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_corpus import photo
 from PIL import Image
 
-from bad_corpus import photo
 from vlmtune.cli import main as cli
 from vlmtune.data.prepare import LAYOUT, OCR_VQA
 

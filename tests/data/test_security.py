@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bad_corpus import bomb_png
+
 from vlmtune.cli import main as cli
 from vlmtune.data.image import load_image, resolve_image_path
 from vlmtune.data.llava_json import RecordError
@@ -120,8 +120,9 @@ def test_pillow_decompression_bomb_guard_stays_on_and_is_a_per_sample_error(tmp_
     import importlib
     import pkgutil
 
-    import vlmtune
     from PIL import Image
+
+    import vlmtune
 
     for module in pkgutil.walk_packages(vlmtune.__path__, "vlmtune."):
         if not module.name.endswith("__main__"):

@@ -1,16 +1,14 @@
 """The fast token cache: the parallel build gives exactly the per-record tokens, and the cache is keyed right.
 
-- `record_chunks` cuts a JSON list at its top-level commas by scanning bytes; on records full of quotes,
-  backslash runs, brackets and commas inside strings, cut at every size and scanned in tiny blocks, the
-  chunks must hold exactly the records `json.load` gives; a malformed file raises the streaming reader's
-  located error.
+- A malformed file raises, from the table build, the located error the reader gives (how chunks are cut:
+  tests/data/test_reader.py).
 - `build_table` over a synthetic mix (several chunks, forked workers) must hold, row for row, what
   `tokenize_conversation` gives each record (the golden-tested masking rule), with the same drops.
 - The text table (lazy tokenization) gives, through the dataset's RowTokenizer, every sample the same
   tokens, and estimated lengths close to the exact ones.
 - The cache is reused when nothing changed and rebuilt when the template, max_length, system text or the
   data file change (both tables); a second rank waits on the build lock (no timeout) and then reads the
-  same table.
+  same table. (The key's rule sources: tests/data/test_dataset.py.)
 """
 from __future__ import annotations
 
@@ -27,23 +25,15 @@ import pytest
 from filelock import FileLock
 
 from vlmtune.config import DataConfig
-from vlmtune.data import llava_json
+from vlmtune.data import llava_json, reader
 from vlmtune.data.dataset import build_dataset, build_table
-from vlmtune.data.llava_json import JSONSyntaxError, normalize_record, parse_chunk, read_records, record_chunks
+from vlmtune.data.llava_json import normalize_record
+from vlmtune.data.reader import JSONSyntaxError, read_records
 from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import tokenize_conversation, tokenize_conversations, truncate
 from vlmtune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-TRICKY = [
-    {"id": "q", "conversations": [{"from": "human", "value": 'say "hi", [ok]? {x}'}, {"from": "gpt", "value": "\\"}]},
-    {"id": "bs", "image": "a\\b.jpg", "conversations": [{"from": "human", "value": '<image>\\\\"],{"'}, {"from": "gpt", "value": "\\\\\\"}]},
-    {"id": "uni", "conversations": [{"from": "human", "value": "ünï ✓ 🚀 ,]"}, {"from": "gpt", "value": "\u2028"}]},
-    [1, [2, {"a": "]"}]], 42, None, "a string, with a comma",
-    {"nested": {"deep": [[[]]], "s": "}}}]]],,,"}, "n": -1.5e3},
-]
-
 
 def make_mix(path: Path, records: int) -> Path:
     """A small synthetic mix665k, written by the benchmark's generator."""
@@ -52,30 +42,6 @@ def make_mix(path: Path, records: int) -> Path:
     spec.loader.exec_module(module)
     module.main([str(path), "--records", str(records)])
     return path
-
-
-@pytest.mark.parametrize("chunk_bytes", [1, 40, 333, 1 << 20])
-@pytest.mark.parametrize("scan_bytes", [7, 64, 1 << 20])
-@pytest.mark.parametrize("layout", ["compact", "indent", "bom"])
-def test_chunks_hold_exactly_the_records(tmp_path, monkeypatch, chunk_bytes, scan_bytes, layout):
-    monkeypatch.setattr(llava_json, "SCAN_BYTES", scan_bytes)
-    records = TRICKY * 3
-    text = json.dumps(records, indent=2 if layout == "indent" else None, ensure_ascii=layout == "compact")
-    path = tmp_path / "d.json"
-    path.write_bytes((b"\xef\xbb\xbf" if layout == "bom" else b"") + b" \n" + text.encode() + b"\n ")
-    chunks = list(record_chunks(path, chunk_bytes))
-    assert [r for c in chunks for r in parse_chunk(path, c)] == records == list(read_records(path))
-    assert [c.first for c in chunks] == np.cumsum([0] + [c.count for c in chunks])[:-1].tolist()
-    if chunk_bytes == 1:
-        assert len(chunks) == len(records)
-
-
-def test_jsonl_chunks_skip_blank_lines(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in TRICKY[:4]).replace("\n", "\n\n  \n", 1) + "\n")
-    chunks = list(record_chunks(path, 10))
-    assert [r for c in chunks for r in parse_chunk(path, c)] == TRICKY[:4]
-    assert [(c.first, c.count) for c in chunks] == [(0, 1), (1, 1), (2, 1), (3, 1)]
 
 
 @pytest.mark.parametrize("text", [
@@ -105,7 +71,7 @@ def mix(tmp_path_factory):
 
 @pytest.mark.parametrize("tokenizer,template", [("real", "vicuna"), ("tiny", "internlm2_chat")])
 def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, monkeypatch, request, tokenizer, template):
-    monkeypatch.setattr(llava_json, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
+    monkeypatch.setattr(reader, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
     tok = request.getfixturevalue(f"{tokenizer}_tokenizer")
     cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900, lazy_tokenize=False)
     table, report = build_table(cfg, tok, 576, tmp_path)
@@ -129,7 +95,7 @@ def test_parallel_table_equals_tokenize_conversation_per_record(mix, tmp_path, m
 
 @pytest.mark.parametrize("tokenizer,template", [("real", "vicuna"), ("tiny", "internlm2_chat")])
 def test_lazy_samples_equal_tokenize_conversation_and_lengths_are_close(mix, tmp_path, monkeypatch, request, tokenizer, template):
-    monkeypatch.setattr(llava_json, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
+    monkeypatch.setattr(reader, "CHUNK_BYTES", 40_000)  # ~10 chunks over the forked workers
     tok = request.getfixturevalue(f"{tokenizer}_tokenizer")
     cfg = DataConfig(data_path=str(mix), image_folder="", prompt_template=template, max_length=900, lazy_tokenize=True)
     dataset, report = build_dataset(cfg, tok, None, 576, tmp_path)

@@ -1,9 +1,10 @@
 """`vlmtune data check`: every problem in a LLaVA dataset, found before a 20-hour run trips over it.
 
-The file is read as a stream of record texts (`llava_json.iter_record_texts`: a 665K-record JSON list is
-never one Python object), and chunks of records are checked in worker processes with the rules training
-itself applies: `normalize_record` (format), `resolve_image_path` + `load_image` (images, fully decoded),
-`tokenize_conversation` + `truncate` (length, image tokens counted). A problem is
+The file is read by the reader the table build uses (data/reader.py: the same records, indices, lines and
+syntax errors; a 665K-record JSON list is never one Python object), and chunks of ~64 KB of records are
+checked in worker processes with the rules training itself applies: `normalize_record` (format),
+`resolve_image_path` + `load_image` (images, fully decoded), `tokenize_conversation` + `truncate` (length,
+image tokens counted). A problem is
 
 - blocking: training would drop the record (at build time) or replace it (when its image fails to load);
 - a warning: the record trains, perhaps not as intended (converted modes, odd shapes, truncation).
@@ -18,7 +19,6 @@ import os
 import sys
 import time
 from array import array
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 
 from vlmtune.data.image import load_image, resolve_image_path
-from vlmtune.data.llava_json import JSONSyntaxError, RecordError, iter_record_texts, normalize_record, parse_record
+from vlmtune.data.llava_json import RecordError, normalize_record
+from vlmtune.data.reader import JSONSyntaxError, Record, record_chunks
+from vlmtune.data.workers import map_chunks
 from vlmtune.errors import UserError
 
 # kind -> what to do about it. Kinds come from llava_json.py / image.py (one rule with training) and from here.
@@ -67,7 +69,7 @@ PLAIN_MODES = {"RGB", "L", "RGBA"}
 MAX_ASPECT = 10.0  # longer side / shorter side
 MIN_SIDE = 16  # pixels on the shorter side
 MAX_EXAMPLES = 5
-CHUNK = 64  # records per worker task
+CHUNK_BYTES = 64 << 10  # a worker task: ~64 KB of JSON, some 30-60 LLaVA records
 
 
 @dataclass
@@ -94,15 +96,23 @@ class Verdict:
     problem: tuple[str, str, str | None] | None = None  # (kind, detail, image path)
     warnings: list[tuple[str, str, str | None]] = field(default_factory=list)
     length: int | None = None
+    text: str | None = None  # the record as written, sent back when it has no problem (for --write-clean)
 
 
-def check_record(settings: Settings, index: int, line: int, text: str) -> Verdict:
-    """Apply every rule to one record text."""
-    verdict, image = Verdict(index, line, None), None  # image: the path being checked, for the report
+def check_records(settings: Settings, records: list[Record]) -> list[Verdict]:
+    """Verdicts on a chunk's records: what a worker runs."""
+    return [check_record(settings, record) for record in records]
+
+
+def check_record(settings: Settings, record: Record) -> Verdict:
+    """Apply every rule to one record; a good record's verdict carries its text."""
+    verdict, image, raw = Verdict(record.index, record.line, None), None, record.value  # image: the path being checked
+    if isinstance(raw, JSONSyntaxError):  # a JSONL line that does not parse
+        verdict.problem = ("json_syntax", raw.detail, None)
+        return verdict
     try:
-        raw = parse_record(text, Path(settings.data_path), line)
         verdict.id = None if not isinstance(raw, dict) or raw.get("id") is None else str(raw.get("id"))
-        sample = normalize_record(raw, index)
+        sample = normalize_record(raw, record.index)
         verdict.warnings += [(kind, detail, None) for kind, detail in sample.notes]
         for image in sample.images:
             path = resolve_image_path(settings.image_folder, image, settings.allowed_roots)
@@ -111,10 +121,9 @@ def check_record(settings: Settings, index: int, line: int, text: str) -> Verdic
         image = None
         if settings.tokenizer is not None:
             _check_tokens(settings, sample, verdict)
-    except JSONSyntaxError as e:
-        verdict.problem = ("json_syntax", f"line {e.line} column {e.column}: {e.msg}", None)
     except RecordError as e:
         verdict.problem = (e.kind, e.detail, image)
+    verdict.text = record.text if verdict.problem is None else None
     return verdict
 
 
@@ -147,18 +156,6 @@ def image_warnings(path: Path) -> list[tuple[str, str]]:
     if min(width, height) < MIN_SIDE:
         out.append(("image_tiny", f"{width}x{height}"))
     return out
-
-
-_WORKER_SETTINGS: Settings | None = None  # set once per worker process by the pool initializer
-
-
-def _init_worker(settings: Settings) -> None:
-    global _WORKER_SETTINGS
-    _WORKER_SETTINGS = settings
-
-
-def _check_chunk(chunk: list[tuple[int, int, str]]) -> list[Verdict]:
-    return [check_record(_WORKER_SETTINGS, index, line, text) for index, line, text in chunk]
 
 
 class Tally:
@@ -196,68 +193,40 @@ class Tally:
 
 def run_check(settings: Settings, workers: int, clean_path: Path | None = None) -> dict:
     """Check every record (in `workers` processes); write the good ones to `clean_path`; return the report."""
-    start, tally, stopped = time.time(), Tally(), []
-    size = Path(settings.data_path).stat().st_size
+    start, tally = time.time(), Tally()
     writer = _CleanWriter(clean_path) if clean_path else None
-    from tqdm import tqdm
-
     try:
-        with tqdm(total=size, unit="B", unit_scale=True, desc="data check", disable=None) as bar:
-            for chunk, verdicts in _map_chunks(settings, workers, _chunks(settings.data_path, stopped)):
-                for (_, _, text), verdict in zip(chunk, verdicts):
-                    tally.add(verdict)
-                    if writer and verdict.problem is None:
-                        writer.write(text)
-                bar.update(sum(len(text) + 2 for _, _, text in chunk))
+        fatal = _check_all(settings, workers, tally, writer)
     except BaseException:  # interrupted or a bug: no half-written clean file is left behind
         if writer:
             writer.close(keep=False)
         raise
-    fatal = stopped[0] if stopped else None
     if fatal is not None:  # not a record: reading stopped at this point of the file
         tally.add_kind("json_syntax", {"index": tally.records, "line": fatal.line, "id": None, "path": None,
-                                       "detail": f"line {fatal.line} column {fatal.column}: {fatal.msg}"})
+                                       "detail": fatal.detail})
     if writer:
         writer.close(keep=fatal is None)
     return _report(settings, tally, fatal, time.time() - start, clean_path if fatal is None else None)
 
 
-def _chunks(data_path: str, stopped: list):
-    """Lists of (index, line, text), CHUNK records each. A syntax error in a JSON list ends the stream
-    (the records after it cannot be located) and is appended to `stopped`."""
-    chunk = []
-    try:
-        for index, (line, text) in enumerate(iter_record_texts(data_path)):
-            chunk.append((index, line, text))
-            if len(chunk) == CHUNK:
-                yield chunk
-                chunk = []
-    except JSONSyntaxError as e:
-        stopped.append(e)
-    if chunk:
-        yield chunk
+def _check_all(settings: Settings, workers: int, tally: Tally, writer: _CleanWriter | None) -> JSONSyntaxError | None:
+    """Tally the verdict on every record, in file order, the good ones written by `writer`; the syntax error
+    that ended a JSON list (the records after it cannot be located), if any. Progress is shown by bytes."""
+    from tqdm import tqdm
 
-
-def _map_chunks(settings: Settings, workers: int, chunks):
-    """(chunk, verdicts) in file order; at most 4 chunks per worker in flight, so memory stays flat."""
-    if workers <= 1:
-        _init_worker(settings)
-        for chunk in chunks:
-            yield chunk, _check_chunk(chunk)
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (settings,)) as pool:
-        pending = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_check_chunk, (chunk,))))
-            if len(pending) >= 4 * workers:
-                chunk, result = pending.popleft()
-                yield chunk, result.get()
-        while pending:
-            chunk, result = pending.popleft()
-            yield chunk, result.get()
+    size = Path(settings.data_path).stat().st_size
+    chunks = record_chunks(settings.data_path, CHUNK_BYTES)
+    with tqdm(total=size, unit="B", unit_scale=True, desc="data check", disable=None) as bar:
+        try:
+            for chunk, verdicts in map_chunks(settings.data_path, chunks, check_records, settings, workers):
+                for verdict in verdicts:
+                    tally.add(verdict)
+                    if writer and verdict.problem is None:
+                        writer.write(verdict.text)
+                bar.update(min(chunk.end, size) - bar.n)
+        except JSONSyntaxError as e:
+            return e
+    return None
 
 
 class _CleanWriter:

@@ -1,7 +1,8 @@
 """The training dataset: LLaVA JSON read once into a memory-mapped Arrow table, images loaded lazily.
 
 Building reads every record, normalises it and writes it to an Arrow file under a cache folder keyed by
-everything that changes the rows (data file, tokenizer, template, max_length, image length, lazy or not).
+everything that changes the rows (data file, tokenizer, template, max_length, image length, lazy or not, and
+the source of the modules that make the rows: `RULE_MODULES`).
 The build runs in parallel over chunks of the file (data/table.py). The first process to take the cache
 lock builds; the others wait for it and memory-map the result, so ranks and dataloader workers share one
 copy of the table through the page cache instead of holding Python objects each.
@@ -21,6 +22,7 @@ back through the batch.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -37,7 +39,13 @@ from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import Tokenized, tokenize_conversation
 from vlmtune.errors import UserError
 
-FORMAT_VERSION = 3  # bump when the stored columns or the masking rule change
+# The modules whose source decides a table's rows, hashed into every cache key instead of a version number
+# someone must remember to bump: record boundaries and lines (reader), normalisation (llava_json), templates
+# and the masking rule (templates, tokenize), the stored columns (table), the ids stored for images and
+# ignored labels (constants). Any edit to one of them rebuilds every cache, a comment-only edit too: the
+# price of never reusing a stale cache.
+RULE_MODULES = ("vlmtune.constants", "vlmtune.data.llava_json", "vlmtune.data.reader", "vlmtune.data.table",
+                "vlmtune.data.templates", "vlmtune.data.tokenize")
 
 
 def tokenizes_lazily(cfg: DataConfig) -> bool:
@@ -45,8 +53,22 @@ def tokenizes_lazily(cfg: DataConfig) -> bool:
     return cfg.lazy_tokenize if cfg.lazy_tokenize is not None else not cfg.pack_to_max_length
 
 
+def rule_source(name: str) -> bytes:
+    """The source file of the module `name` (one of RULE_MODULES), as the cache key hashes it."""
+    return Path(importlib.import_module(name).__file__).read_bytes()
+
+
+def rules_digest() -> str:
+    """sha256 of the source of every module in RULE_MODULES."""
+    digest = hashlib.sha256()
+    for name in RULE_MODULES:
+        digest.update(name.encode() + b"\0" + rule_source(name))
+    return digest.hexdigest()
+
+
 def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
-    """Hash of every input that changes the tokenized table."""
+    """Hash of every input that changes the table: the data file, the tokenizer's definition, every field of
+    the template, the settings, the table kind and the source of the rules (`rules_digest`)."""
     path = Path(cfg.data_path).resolve()
     if not path.is_file():  # the key is computed before anything reads the file: say it here, in one line
         raise UserError(f"{cfg.data_path}: data file not found; check `data_path` in the config")
@@ -54,9 +76,9 @@ def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers expose their full definition
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
     parts = [
-        FORMAT_VERSION, str(path), stat.st_size, stat.st_mtime_ns, tok_id, repr(get_template(cfg.prompt_template)),
-        cfg.max_length, image_length, cfg.system, tokenizer.bos_token_id, tokenizer.eos_token_id,
-    ] + (["lazy"] if tokenizes_lazily(cfg) else [])  # token tables keep the key they had before lazy tables
+        rules_digest(), str(path), stat.st_size, stat.st_mtime_ns, tok_id, asdict(get_template(cfg.prompt_template)),
+        cfg.max_length, image_length, cfg.system, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizes_lazily(cfg),
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 

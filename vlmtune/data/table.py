@@ -1,10 +1,10 @@
 """The table of a data file, built in parallel: chunks of records -> workers -> one Arrow file.
 
-The main process cuts the file into chunks of whole records without parsing them
-(`llava_json.record_chunks`); each worker parses a chunk, normalises its records and sends back an Arrow
-record batch; the main process appends the batches, in file order, to one Arrow IPC file that every rank
-and dataloader worker then memory-maps. Workers are forked (they inherit the tokenizer), one per CPU core;
-with one core, or one chunk, it all runs in this process.
+The file is read by the reader `data check` uses (data/reader.py): the main process cuts it into chunks of
+whole records without parsing them, each worker frames a chunk into records, normalises them and sends back
+an Arrow record batch; the main process appends the batches, in file order, to one Arrow IPC file that every
+rank and dataloader worker then memory-maps. Workers are forked (they inherit the tokenizer), one per CPU
+core; with one core, or one chunk, it all runs in this process.
 
 Two kinds of table:
 - tokens (`tokenize_chunk`): every record tokenized at once (data/tokenize.py: the one masking rule, one
@@ -20,7 +20,6 @@ Two kinds of table:
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import string
 from dataclasses import dataclass, field, replace
@@ -30,10 +29,22 @@ import numpy as np
 import pyarrow as pa
 
 from vlmtune.constants import IMAGE_TOKEN_INDEX
-from vlmtune.data.llava_json import (Chunk, JSONSyntaxError, RecordError, Sample, check_syntax, normalize_record,
-                                     parse_chunk, record_chunks)
+from vlmtune.data.llava_json import RecordError, Sample, normalize_record
+from vlmtune.data.reader import (
+    Chunk,
+    JSONSyntaxError,
+    Record,
+    read_chunk,
+    record_chunks,
+)
 from vlmtune.data.templates import Template
-from vlmtune.data.tokenize import encode_texts, render_units, special_ids, tokenize_conversations
+from vlmtune.data.tokenize import (
+    encode_texts,
+    render_units,
+    special_ids,
+    tokenize_conversations,
+)
+from vlmtune.data.workers import map_chunks
 
 MAX_EXAMPLES = 5
 COLUMNS = pa.schema([
@@ -50,7 +61,7 @@ DIGITS, PUNCTUATION = string.digits.encode(), string.punctuation.encode()
 
 @dataclass
 class DataReport:
-    """What building the dataset dropped, per kind, with the first examples (record index, id, detail)."""
+    """What building the dataset dropped, per kind, with the first examples (record index, line, id, detail)."""
 
     total: int = 0
     kept: int = 0
@@ -59,10 +70,11 @@ class DataReport:
     truncated: int = 0
     lazy: bool = False  # a text table: truncation and answers left empty by it are found in the dataloader
 
-    def add(self, kind: str, index: int, record_id, detail: str) -> None:
+    def add(self, kind: str, record: Record, record_id, detail: str) -> None:
+        """Count one dropped record."""
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
         if len(self.examples.setdefault(kind, [])) < MAX_EXAMPLES:
-            self.examples[kind].append({"index": index, "id": record_id, "detail": detail})
+            self.examples[kind].append({"index": record.index, "line": record.line, "id": record_id, "detail": detail})
 
     def merge(self, later: DataReport) -> None:
         """Add the report of the records that follow these ones (examples stay the first ones, in file order)."""
@@ -94,68 +106,46 @@ class Settings:
 
 def write_table(settings: Settings, tokenizer, path: Path, lazy: bool = False) -> DataReport:
     """Every record of `settings.data_path` into the Arrow file `path`, tokenized or (`lazy`) as texts;
-    the report of what was dropped."""
+    the report of what was dropped. A JSON syntax error that ends a list is raised, located."""
     report = DataReport(lazy=lazy)
-    chunks = iter(record_chunks(settings.data_path))
-    head = [c for _, c in zip(range(2), chunks)]
+    chunks = record_chunks(settings.data_path)
+    head = list(itertools.islice(chunks, 1))
+    if lazy:
+        model = fit_length_model(head[0], tokenizer, settings) if head else (0.0,) * 5
+        settings = replace(settings, length_model=model)
+    workers = min(len(os.sched_getaffinity(0)), 32)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, TEXT_COLUMNS if lazy else COLUMNS) as writer:
-        try:
-            if lazy:
-                model = fit_length_model(head[0], tokenizer, settings) if head else (0.0,) * 5
-                settings = replace(settings, length_model=model)
-            for part, batch in _map_chunks(itertools.chain(head, chunks), len(head) > 1, tokenizer, settings):
-                report.merge(part)
-                writer.write_batch(batch)
-        except (ValueError, UnicodeDecodeError):  # a chunk that does not parse: raise the located syntax error
-            check_syntax(settings.data_path)
-            raise
+        for _, (part, batch) in map_chunks(settings.data_path, itertools.chain(head, chunks), chunk_rows,
+                                           (tokenizer, settings), workers):
+            report.merge(part)
+            writer.write_batch(batch)
     return report
 
 
-def _map_chunks(chunks, several: bool, tokenizer, settings: Settings):
-    """(DataReport, RecordBatch) of every chunk, in file order, from a pool of forked workers."""
-    workers = min(len(os.sched_getaffinity(0)), 32)
-    if workers < 2 or not several:
-        for chunk in chunks:
-            yield _process(chunk, tokenizer, settings)
-        return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer, settings)) as pool:
-        yield from pool.imap(_work, chunks)
-
-
-_WORKER: dict = {}  # this worker process's tokenizer and settings, set once by _init_worker
-
-
-def _init_worker(tokenizer, settings: Settings) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
-    _WORKER.update(tokenizer=tokenizer, settings=settings)
-
-
-def _work(chunk: Chunk):
-    return _process(chunk, _WORKER["tokenizer"], _WORKER["settings"])
-
-
-def _process(chunk: Chunk, tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
-    """The chunk's rows for the table `settings` asks for."""
+def chunk_rows(context: tuple, records: list[Record]) -> tuple[DataReport, pa.RecordBatch]:
+    """The rows of a chunk's records for the table `settings` asks for (what a worker runs); context:
+    (tokenizer, settings)."""
+    tokenizer, settings = context
     if settings.length_model is None:
-        return tokenize_chunk(chunk, tokenizer, settings)
-    return text_chunk(chunk, tokenizer, settings)
+        return tokenize_chunk(records, tokenizer, settings)
+    return text_chunk(records, tokenizer, settings)
 
 
-def normalize_chunk(chunk: Chunk, settings: Settings) -> tuple[DataReport, list[Sample], list[int]]:
-    """Parse and normalise the records of one chunk: (report of the bad ones, samples, their record indices)."""
-    report = DataReport(total=chunk.count)
-    samples, indices = [], []
-    for index, raw in enumerate(parse_chunk(settings.data_path, chunk), start=chunk.first):
-        if isinstance(raw, JSONSyntaxError):  # a broken JSONL line: `data check`'s json_syntax record
-            report.add("json_syntax", index, None, f"line {raw.line} column {raw.column}: {raw.msg}")
+def normalize_chunk(records: list[Record], settings: Settings) -> tuple[DataReport, list[Sample], list[Record]]:
+    """Normalise a chunk's records: (report of the bad ones, samples, the records they come from)."""
+    report = DataReport(total=len(records))
+    samples, kept = [], []
+    for record in records:
+        raw = record.value
+        if isinstance(raw, JSONSyntaxError):  # a JSONL line that does not parse: `data check`'s json_syntax
+            report.add("json_syntax", record, None, raw.detail)
             continue
         try:
-            samples.append(normalize_record(raw, index))
-            indices.append(index)
+            samples.append(normalize_record(raw, record.index))
+            kept.append(record)
         except RecordError as e:
-            report.add(e.kind, index, raw.get("id") if isinstance(raw, dict) else None, e.detail)
-    return report, samples, indices
+            report.add(e.kind, record, raw.get("id") if isinstance(raw, dict) else None, e.detail)
+    return report, samples, kept
 
 
 def text_features(texts: list[str]) -> list[int]:
@@ -169,8 +159,9 @@ def text_features(texts: list[str]) -> list[int]:
 
 def fit_length_model(chunk: Chunk, tokenizer, settings: Settings) -> tuple[float, ...]:
     """Least-squares weights of `text_features` for the token count of one encoded text, fitted on every text
-    of the chunk's first CALIBRATION_RECORDS good records."""
-    _, samples, _ = normalize_chunk(chunk, settings)
+    of the chunk's first CALIBRATION_RECORDS good records (a syntax error in the chunk is left to the build)."""
+    records, _ = read_chunk(settings.data_path, chunk)
+    _, samples, _ = normalize_chunk(records, settings)
     bos, eos = special_ids(tokenizer)
     texts = [u for s in samples[:CALIBRATION_RECORDS]
              for u, _ in render_units(s.turns, settings.template, s.system or settings.system, bos, eos) if isinstance(u, str)]
@@ -190,10 +181,10 @@ def estimate_length(units, settings: Settings) -> int:
     return min(settings.max_length, images * settings.image_length + ids + text)
 
 
-def text_chunk(chunk: Chunk, tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
-    """Parse and normalise the records of one chunk: its report and the rows it keeps, as texts with an
-    estimated length (the tokenizer itself is not run)."""
-    report, samples, _ = normalize_chunk(chunk, settings)
+def text_chunk(records: list[Record], tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
+    """Normalise a chunk's records: its report and the rows it keeps, as texts with an estimated length (the
+    tokenizer itself is not run)."""
+    report, samples, _ = normalize_chunk(records, settings)
     report.kept, report.lazy = len(samples), True
     bos, eos = special_ids(tokenizer)
     systems = [s.system or settings.system for s in samples]
@@ -213,13 +204,13 @@ def text_chunk(chunk: Chunk, tokenizer, settings: Settings) -> tuple[DataReport,
     return report, batch
 
 
-def tokenize_chunk(chunk: Chunk, tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
-    """Parse, normalise and tokenize the records of one chunk: its report and the rows it keeps."""
-    report, samples, indices = normalize_chunk(chunk, settings)
+def tokenize_chunk(records: list[Record], tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
+    """Normalise and tokenize a chunk's records: its report and the rows it keeps."""
+    report, samples, kept = normalize_chunk(records, settings)
     tok = tokenize_conversations([(s.turns, s.system or settings.system) for s in samples], tokenizer,
                                  settings.template, settings.max_length, settings.image_length)
     for k in np.flatnonzero(~tok.trainable):
-        report.add("no_trainable_tokens", indices[k], samples[k].id,
+        report.add("no_trainable_tokens", kept[k], samples[k].id,
                    f"nothing left to train on within max_length={settings.max_length}")
     keep = np.flatnonzero(tok.trainable)
     report.kept, report.truncated = len(keep), int(tok.truncated[keep].sum())
