@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,12 @@ def test_unknown_config_name_suggests_close_ones():
         resolve_config_path("tiny_llava_pretrian")
     with pytest.raises(UserError, match="list-cfg"):
         resolve_config_path("zzzz")
+
+
+def test_the_configs_users_see_are_the_ones_read():
+    """One source: the top-level configs/ folder is what vlmtune/configs (CONFIG_DIR, a link to it) reads."""
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "vlmtune" / "configs").is_symlink()
+    assert CONFIG_DIR.resolve() == (repo / "configs").resolve()
+    shown = sorted(p.name for p in (repo / "configs").glob("*.py"))
+    assert sorted(f"{name}.py" for name in list_configs()) == [n for n in shown if not n.startswith("_")]

@@ -116,7 +116,8 @@ def test_checking_the_clean_output_finds_nothing_blocking(corpus, checked, tmp_p
 def test_one_worker_and_two_workers_agree(corpus, checked, tiny, tmp_path):
     _, two, _ = checked
     code, one = run(tmp_path, corpus.data_json, corpus.image_folder, "--tokenizer", str(tiny.llm),
-                    "--prompt-template", "internlm2_chat", "--max-length", str(MAX_LENGTH), "--workers", "1")
+                    "--prompt-template", "internlm2_chat", "--visual-encoder", str(tiny.clip), "--max-length",
+                    str(MAX_LENGTH), "--workers", "1")
     assert code == 1
     assert (one["blocking"], one["warnings"], one["tokens"]["length"]) == (two["blocking"], two["warnings"], two["tokens"]["length"])
 
@@ -193,3 +194,17 @@ def test_clean_jsonl_keeps_a_lone_surrogate_in_a_field_no_rule_reads(tmp_path, s
     assert (code, report["good"]) == (0, 2)
     assert [json.loads(line) for line in clean.read_text(encoding="utf-8").splitlines()] == records
     assert "\\ud83d" in clean.read_text(encoding="utf-8")
+
+
+def test_tokens_per_image_come_from_the_encoder_s_config(corpus, tiny, tmp_path, capsys):
+    """No 336/14 constant: the count is read from the encoder's config (576 for the tiny CLIP-L/336), or given."""
+    from vlmtune.model.vision import image_tokens, vision_config
+
+    data, images = str(corpus.data_json), str(corpus.image_folder)
+    base = ["--tokenizer", str(tiny.llm), "--prompt-template", "vicuna", "--workers", "1"]
+    assert cli(["data", "check", data, "--image-folder", images, *base]) == 2
+    assert "pass --config, --visual-encoder" in capsys.readouterr().err
+    _, report = run(tmp_path, corpus.data_json, corpus.image_folder, *base, "--visual-encoder", str(tiny.clip))
+    assert report["tokens"]["image_length"] == image_tokens(vision_config(str(tiny.clip))) == 576
+    _, report = run(tmp_path, corpus.data_json, corpus.image_folder, *base, "--image-length", "729")
+    assert report["tokens"]["image_length"] == 729

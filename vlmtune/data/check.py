@@ -82,7 +82,7 @@ class Settings:
     tokenizer: object = None
     template: object = None
     max_length: int = 2048
-    image_length: int = 576
+    image_length: int | None = None  # tokens per image, from the encoder's config (needed with a tokenizer)
     system: str = ""
 
 
@@ -326,10 +326,12 @@ def settings_from_args(args) -> Settings:
     """Settings from the CLI flags; --config supplies tokenizer, template, max_length, system, allowed roots."""
     settings = Settings(data_path=args.data_path, image_folder=args.image_folder, image_length=args.image_length)
     tokenizer_path, template, trust_remote_code = args.tokenizer, args.prompt_template, False
+    encoder = args.visual_encoder
     if args.config:
         from vlmtune.config import load_config
 
         cfg = load_config(args.config)
+        encoder = encoder or cfg.model.visual_encoder_name_or_path
         tokenizer_path = tokenizer_path or cfg.model.llm_name_or_path
         template = template or cfg.data.prompt_template
         settings.max_length, settings.system = cfg.data.max_length, cfg.data.system
@@ -342,7 +344,13 @@ def settings_from_args(args) -> Settings:
     if tokenizer_path:
         from vlmtune.data.templates import get_template
         from vlmtune.model.build import load_tokenizer
+        from vlmtune.model.vision import image_tokens, vision_config
 
+        if settings.image_length is None and encoder is None:
+            raise UserError("token lengths count each image as the tokens it becomes: pass --config, --visual-encoder "
+                            "(its config.json is read, no weights) or --image-length")
+        if settings.image_length is None:
+            settings.image_length = image_tokens(vision_config(encoder))
         settings.template = get_template(template)
         settings.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     return settings
