@@ -19,6 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vlmtune import quiet
+
+quiet.install(False)  # the libraries' known start-up notices off, as in the CLI (VLMTUNE_VERBOSE=1 shows them)
+
 
 def load() -> str:
     """The 1, 5 and 15 minute load averages, as the figure's context (a load above the core count means the

@@ -3,8 +3,8 @@
     python scripts/bench/bench_mmbench.py [--questions 16] [--batch-size 16] [--max-new-tokens 5] [--threads N]
 
 Builds the tiny models and a circular dev TSV of real JPEGs (4 rotations per question) in a temporary folder,
-then answers it with batch size 1 and with --batch-size over the same rows in this process (interleaved,
---repeats times each; the fastest run of each mode counts). A run is run_mmbench's two stages in one process:
+then answers it with batch size 1 and with --batch-size over the same rows in this process, in --repeats
+rounds whose order alternates; a ratio is the median of the per-round ratios, with its spread. A run is run_mmbench's two stages in one process:
 `predict` (generation: every row answered and logged), then `finish_run` (scoring, result sheet, report, chart:
 a fixed cost of 0.1 to 0.2 s per run that batching does not touch); both are timed. It checks every run gives
 identical predictions and prints rows/s (wall) and rows per CPU-second (steadier on a shared machine) with the
@@ -25,6 +25,7 @@ import contextlib
 import io
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -33,15 +34,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers
+from _common import ratios, spread
 from PIL import Image
 from skimage import data as skdata
 
 from vlmtune.config import ModelConfig
 from vlmtune.data.image import ImagePreprocessor
 from vlmtune.data.templates import get_template
-from vlmtune.eval.mmbench import gather_predictions, predict
+from vlmtune.eval.mmbench import mmbench_items
 from vlmtune.eval.mmbench_data import load_mmbench
-from vlmtune.eval.results import PredictionStore, finish_run
+from vlmtune.eval.results import finish_run
+from vlmtune.eval.runner import PredictionStore, gather_predictions, predict
 from vlmtune.inference import Generator
 from vlmtune.model.build import build_model, load_tokenizer
 from vlmtune.model.vision import load_image_processor
@@ -82,7 +85,7 @@ def timed_run(generator, data, run_dir: Path, batch_size: int, max_new_tokens: i
     run_dir.mkdir(parents=True)
     wall, cpu = time.perf_counter(), time.process_time()
     with PredictionStore(run_dir / "predictions.jsonl") as store:
-        predict(generator, data.questions, store, batch_size, max_new_tokens, progress=False)
+        predict(generator, mmbench_items(generator, data.questions, max_new_tokens), store, batch_size, progress=False)
     generation = (time.perf_counter() - wall, time.process_time() - cpu)
     predictions = gather_predictions(run_dir)
     with contextlib.redirect_stdout(io.StringIO()):  # the score table of a random model is noise here
@@ -91,15 +94,16 @@ def timed_run(generator, data, run_dir: Path, batch_size: int, max_new_tokens: i
 
 
 def report(times: dict[int, list[dict]], rows: int, batch_size: int) -> None:
-    """Rows/s and ratios of the fastest run per mode, for generation alone and end to end."""
+    """Median rows/s per mode and the median of per-round speedups, for generation alone and end to end."""
     for stage in ("generation", "end to end"):
-        best = {m: (min(t[stage][0] for t in runs), min(t[stage][1] for t in runs)) for m, runs in times.items()}
         print(stage + (" (predict)" if stage == "generation" else " (predict + finish_run)"))
-        for mode, (wall, cpu) in best.items():
+        for mode, runs in times.items():
+            wall, cpu = statistics.median(t[stage][0] for t in runs), statistics.median(t[stage][1] for t in runs)
             name = "one at a time" if mode == 1 else f"batch size {mode}"
             print(f"  {name:<14}: {rows / wall:7.1f} rows/s wall ({wall:.2f} s), {rows / cpu:7.1f} rows per CPU-second")
-        print(f"  ratio batched / one at a time: {best[1][0] / best[batch_size][0]:.2f}x wall, "
-              f"{best[1][1] / best[batch_size][1]:.2f}x CPU time")
+        for i, clock_name in ((0, "wall"), (1, "CPU time")):
+            one, batched = [t[stage][i] for t in times[1]], [t[stage][i] for t in times[batch_size]]
+            print(f"  speedup batched / one at a time, {clock_name}: {spread(ratios(one, batched), '.2f')}")
 
 
 def load_average() -> str:
@@ -112,7 +116,7 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=16, help="questions (x4 rotations = rows)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per mode, interleaved; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds, each running both modes")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -135,13 +139,12 @@ def main() -> int:
         times: dict[int, list[dict]] = {m: [] for m in modes}
         outputs: list[dict[int, str]] = []
         for k in range(args.repeats):
-            for batch_size in modes:  # interleaved, so load from other processes hits both modes alike
+            for batch_size in modes[k % 2:] + modes[:k % 2]:  # interleaved, the order alternating per round
                 run, predictions = timed_run(generator, data, root / f"{k}_bs{batch_size}", batch_size,
                                              args.max_new_tokens)
                 times[batch_size].append(run)
                 outputs.append(predictions)
-    print(f"\nrows: {len(data.questions)}, max_new_tokens: {args.max_new_tokens}, "
-          f"fastest of {args.repeats} runs per mode")
+    print(f"\nrows: {len(data.questions)}, max_new_tokens: {args.max_new_tokens}, {args.repeats} rounds")
     report(times, len(data.questions), args.batch_size)
     same = all(p == outputs[0] for p in outputs)
     print("predictions identical:", same)

@@ -101,6 +101,17 @@ def test_finish_run_writes_sheet_report_and_chart(dev_tsv, tmp_path, capsys):
     assert "Overall" in printed and "33.3" in printed and "66.7" in printed and "FP-S" in printed
 
 
+def test_a_prediction_with_control_characters_does_not_stop_the_run(dev_tsv, tmp_path):
+    """A model may emit control characters, which openpyxl refuses in a sheet (pandas 3 keeps text in its own
+    string dtype, not object): they are dropped from the sheet only, and the score is that of the raw text."""
+    data = load_mmbench(dev_tsv)
+    predictions = {i: "A\x0b\x1b" for i in answers_with_mistakes(data)}
+    run_dir = make_run_dir(tmp_path / "work")
+    finish_run(data, predictions, "vlmevalkit", run_dir)
+    sheet = pd.read_excel(run_dir / "MMBench_DEV_EN_result.xlsx")
+    assert set(sheet["prediction"]) == {"A"} and len(sheet) == len(predictions)
+
+
 def test_test_split_gets_only_the_submission_sheet(tmp_path, images):
     rows = [dict(r, answer=None) for q in base_questions(images) for r in rotations(q, 2, image_refs=True)]
     data = load_mmbench(write_tsv(tmp_path / "MMBench_TEST_EN.tsv", rows,

@@ -64,8 +64,9 @@ def write_predictions_sheet(data: MMBenchData, predictions: dict[int, str], verd
     if verdicts is not None:
         sheet["extracted"] = [v.extracted for v in verdicts]
         sheet["hit"] = [int(v.hit) for v in verdicts]
-    # openpyxl refuses control characters; a model can emit them, so they are dropped from the sheet only
-    for column in sheet.columns[sheet.dtypes == object]:
+    # openpyxl refuses control characters; a model can emit them, so they are dropped from the sheet only (the
+    # predictions log keeps them). Every column: pandas 3 stores text as its own string dtype, not object.
+    for column in sheet.columns:
         sheet[column] = [ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in sheet[column]]
     sheet.to_excel(path, index=False, engine="openpyxl")
     return path
