@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_name_or_path", help="base model folder or hub id")
     p.add_argument("adapter_name_or_path")
     p.add_argument("save_dir")
-    p.add_argument("--is-clip", action="store_true", help="the base is a CLIP vision encoder")
+    p.add_argument("--is-clip", "--vision", dest="is_clip", action="store_true",
+                   help="the base is a vision encoder (CLIP, SigLIP: model/vision.py); --is-clip is XTuner's name")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--trust-remote-code", action="store_true")

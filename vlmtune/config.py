@@ -26,6 +26,9 @@ class ModelConfig:
     llm_name_or_path: str
     visual_encoder_name_or_path: str
     visual_select_layer: int = -2
+    # transformers' names: 'default' drops the encoder's CLS token (CLIP, LLaVA-1.5), 'full' keeps every token
+    # (SigLIP has no CLS); None = 'default' for an encoder with a CLS token, 'full' for one without
+    vision_feature_select_strategy: str | None = None
     projector_depth: int = 2
     freeze_llm: bool = True
     freeze_visual_encoder: bool = True
@@ -103,6 +106,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {  # string keys with a fixed set of values
     "image_preprocess": ("fast", "hf"),
+    "vision_feature_select_strategy": ("default", "full"),
     "attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
 }
 

@@ -3,6 +3,8 @@
 `make_tiny(root)` writes, in a few seconds and with no network:
     root/llm/          a tiny Llama (or Qwen2) causal LM + a BPE tokenizer with the chat special tokens
     root/clip/         a tiny CLIPVisionModel (336 px, patch 14 -> 576 patches) + its CLIPImageProcessor
+    root/siglip/       a tiny SiglipVisionModel (384 px, patch 14 -> 729 patches, no CLS, a pooling head LLaVA
+                       does not use) + its SiglipImageProcessor (mean/std 0.5, resized without a crop)
     root/data/         the bundled example dataset (real photos + LLaVA JSON)
     root/task/         a synthetic visual task the tiny models can learn in minutes: drawn shapes whose colour
                        only the image tells (train / held-out splits, an MMBench-format TSV of the held-out set)
@@ -48,6 +50,10 @@ class TinyPaths:
     data: Path
 
     @property
+    def siglip(self) -> Path:
+        return self.root / "siglip"
+
+    @property
     def pretrain_json(self) -> Path:
         return self.data / "pretrain.json"
 
@@ -75,6 +81,10 @@ def make_tiny(root: str | Path, arch: str = "llama", seed: int = 0) -> TinyPaths
         # as hub CLIP checkpoints are stored: with transformers 4.x's `vision_model.` level (5.x reads both)
         save_model_renamed(vision, paths.clip, keymaps.CLIP_VISION_MODEL)
         processor.save_pretrained(paths.clip)
+    if not (paths.siglip / "config.json").is_file():
+        vision, processor = make_siglip()
+        save_model_renamed(vision, paths.siglip, keymaps.CLIP_VISION_MODEL)  # the same 4.x `vision_model.` level
+        processor.save_pretrained(paths.siglip)
     if not paths.data.is_dir():
         shutil.copytree(ASSETS, paths.data)
     if not (paths.task / "heldout_mmbench.tsv").is_file():
@@ -158,6 +168,18 @@ def make_clip():
         do_normalize=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True,
     )
     return CLIPVisionModel(config), processor
+
+
+def make_siglip():
+    """A 2-layer, 32-wide SiglipVisionModel at so400m-patch14-384 geometry (729 patches, no CLS token, with the
+    pooling head a hub checkpoint has) and its image processor (bicubic resize to 384, mean = std = 0.5)."""
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    processor = SiglipImageProcessorPil(do_resize=True, size={"height": 384, "width": 384}, resample=3, do_rescale=True,
+                                        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return SiglipVisionModel(config), processor
 
 
 # ---- the synthetic task ---------------------------------------------------------------------------------

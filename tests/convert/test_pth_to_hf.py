@@ -77,7 +77,7 @@ def test_full_finetune_saves_llm_at_root_and_visual_encoder(converted, truth):
 # ---- huggingface layout ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["lora", "qwen2", "qlora"])
+@pytest.mark.parametrize("variant", ["lora", "qwen2", "qlora", "siglip_lora"])
 def test_huggingface_folder_generates_as_chat_on_xtuner_folder(variant, converted, tiny, truth):
     hf_folder, xtuner_folder = converted(variant, "huggingface"), converted(variant, "xtuner")
     model, cfg = truth(variant)
@@ -170,3 +170,31 @@ def test_checkpoint_missing_trained_weights_is_refused(checkpoint, tmp_path, cap
     code = cli_main(["convert", "pth_to_hf", str(tmp_path / "partial.pth"), str(tmp_path / "out")])
     err = error_line(capsys)
     assert code == 2 and "not in the checkpoint" in err and "projector.model.0" in err
+
+
+def test_siglip_exports_as_transformers_llava_and_refuses_the_official_layout(converted, checkpoint, tmp_path, capsys):
+    folder = converted("siglip_lora", "huggingface")
+    config = json.loads((folder / "config.json").read_text())
+    processor = json.loads((folder / "processor_config.json").read_text())
+    assert (config["vision_config"]["model_type"], config["vision_feature_select_strategy"], config["image_seq_length"]) == \
+        ("siglip_vision_model", "full", 729)
+    assert config["vision_config"]["vision_use_head"] is False  # the pooling head is not exported
+    assert not any(".head." in k for k in load_file(folder / "model.safetensors"))
+    assert processor["num_additional_image_tokens"] == 0 and processor["image_processor"]["do_center_crop"] is False
+    assert cli_main(["convert", "pth_to_hf", str(checkpoint("siglip_lora")), str(tmp_path / "o"), "--save-format", "official"]) == 2
+    assert "builds a CLIP vision tower only" in error_line(capsys)
+
+
+def test_siglip_adapter_merges_with_vision(converted, truth, tiny, tmp_path):
+    """`convert merge --vision` (XTuner's --is-clip) merges a SigLIP adapter; chat with the merged encoder gives
+    the checkpoint model's logits."""
+    xtuner = converted("siglip_lora", "xtuner")
+    assert cli_main(["convert", "merge", str(tiny.siglip), str(xtuner / "visual_encoder_adapter"), str(tmp_path / "m"),
+                     "--vision"]) == 0
+    assert cli_main(["convert", "merge", str(tiny.llm), str(xtuner / "llm_adapter"), str(tmp_path / "llm")]) == 0
+    (tmp_path / "p").mkdir()
+    for name in ("projector", "vlmtune_config.py"):
+        (tmp_path / "p" / name).symlink_to(xtuner / name)
+    merged = chat_generator(str(tmp_path / "llm"), "--visual-encoder", str(tmp_path / "m"), "--llava", str(tmp_path / "p"))
+    reference = truth_generator(truth, "siglip_lora", xtuner)
+    assert (prompt_logits(merged) - prompt_logits(reference)).abs().max().item() < LOGIT_ATOL

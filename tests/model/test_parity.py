@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from convert.convert_helpers import IMAGE, QUESTION, chat_generator, checkpoint, converted, one_turn_ids, truth  # noqa: F401
 from safetensors.torch import save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -94,3 +95,39 @@ def test_image_features_match_transformers_llava(models, tiny_batch):
         want = torch.stack(hf.model.get_image_features(pixel_values=tiny_batch["pixel_values"]).pooler_output)
     assert got.shape == want.shape == (3, PATCHES, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# ---- SigLIP: no CLS token, 'full' features, through the real huggingface export ---------------------------
+
+
+def test_siglip_logits_match_transformers_llava_through_the_export(converted, truth, tiny):
+    """The `siglip` checkpoint converted by `vlmtune convert pth_to_hf --save-format huggingface` and run by plain
+    transformers (LlavaForConditionalGeneration + the exported processor and chat template) gives the logits of
+    the checkpoint's own LlavaModel at every position."""
+    from transformers import AutoProcessor
+
+    from vlmtune.data.image import load_image
+
+    folder = converted("siglip", "huggingface")
+    model, cfg = truth("siglip")
+    assert model.feature_strategy == "full" and model.image_length == 729
+    generator = chat_generator(cfg.model.llm_name_or_path, "--llava", str(converted("siglip", "xtuner")))
+    generator.model = model
+    image = load_image(IMAGE)
+    inputs = generator.embed([one_turn_ids(generator)], generator.encode_images([image]))
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.config.vision_feature_select_strategy == "full" and hf.config.vision_config.model_type == "siglip_vision_model"
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    hf_inputs = processor(images=image, text=text, return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(hf_inputs["pixel_values"], generator.pixel_values([image]))  # the processor pads as training
+    assert (hf_inputs["input_ids"] == hf.config.image_token_index).sum() == 729
+    with torch.no_grad():
+        ours = model.llm(**inputs).logits[0]
+        theirs = hf(**hf_inputs).logits[0]
+        blind = hf(**{**hf_inputs, "pixel_values": torch.zeros_like(hf_inputs["pixel_values"])}).logits[0]
+    diff = (ours - theirs).abs().max().item()
+    print(f"\nSigLIP: max |logits ours - transformers Llava| = {diff:.3e} over {ours.shape[0]} positions")
+    assert ours.shape == theirs.shape and diff <= 1e-5
+    assert (blind - theirs).abs().max() > 1e-2  # the comparison sees the image

@@ -28,7 +28,7 @@ from vlmtune.model.build import assemble, load_tokenizer
 from vlmtune.model.llava import LlavaModel
 from vlmtune.model.pretrained import load_pretrained_model
 from vlmtune.model.projector import Projector
-from vlmtune.model.vision import image_tokens, load_image_processor
+from vlmtune.model.vision import encoder_spec, load_image_processor
 from vlmtune.weights import rename
 
 # CLIPImageProcessor settings carried over to the LlavaImageProcessor of the huggingface layout.
@@ -55,8 +55,8 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
     config = LlavaConfig(
         text_config=llm.config, vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
-        image_seq_length=image_tokens(vision),
-        vision_feature_layer=select_layer, vision_feature_select_strategy="default",
+        image_seq_length=model.image_length,
+        vision_feature_layer=select_layer, vision_feature_select_strategy=model.feature_strategy,
         projector_hidden_act="gelu", multimodal_projector_bias="projector.model.0.bias" in projector,
         tie_word_embeddings=llm.config.tie_word_embeddings,
     )
@@ -67,7 +67,7 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
     save_torch_state_dict(on_disk, str(save_dir), max_shard_size=max_shard_size)
     config.save_pretrained(save_dir)
     _generation_config(llm, tokenizer, cfg).save_pretrained(save_dir)
-    _processor(cfg, tokenizer, vision.patch_size).save_pretrained(save_dir)
+    _processor(cfg, tokenizer, vision, model.feature_strategy).save_pretrained(save_dir)
 
 
 def _check_fits(config, state: dict[str, torch.Tensor]) -> None:
@@ -99,8 +99,9 @@ def _generation_config(llm, tokenizer, cfg: Config):
     return gen
 
 
-def _processor(cfg: Config, tokenizer, patch_size: int):
-    """LlavaProcessor: tokenizer, pad-to-square-aware image processor, our template as chat template."""
+def _processor(cfg: Config, tokenizer, vision, strategy: str):
+    """LlavaProcessor: tokenizer, pad-to-square-aware image processor, our template as chat template; one
+    `<image>` expands to the encoder's tokens (patches + its CLS token, minus the CLS that 'default' drops)."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
     template = get_template(cfg.data.prompt_template)
@@ -109,14 +110,14 @@ def _processor(cfg: Config, tokenizer, patch_size: int):
         print(f"warning: with this tokenizer, tokenizing the chat template's text does not give the ids of "
               f"training ({template.name}); transformers' answers may differ from `vlmtune chat`'s", file=sys.stderr)
 
-    clip_processor = load_image_processor(cfg.model.visual_encoder_name_or_path).to_dict()
-    image_processor = LlavaImageProcessorPil(
-        **{k: clip_processor[k] for k in IMAGE_PROCESSOR_KEYS if k in clip_processor},
+    source = load_image_processor(cfg.model.visual_encoder_name_or_path).to_dict()
+    image_processor = LlavaImageProcessorPil(  # SigLIP's resizes straight to its size: no centre crop
+        **{k: source[k] for k in IMAGE_PROCESSOR_KEYS if k in source}, do_center_crop=source.get("do_center_crop", False),
         do_pad=cfg.data.pad_image_to_square,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=int(encoder_spec(vision).cls_token),
         chat_template=jinja_chat_template(template, chunk_prefix or ""),
     )
 
@@ -136,15 +137,13 @@ def load(args, folder: Path, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoImageProcessor, AutoModelForCausalLM, LlavaForConditionalGeneration
 
-    from vlmtune.model.vision import encoder_spec
-
     if args.bits is not None or args.adapter or args.llava or args.visual_encoder:
         raise UserError(f"{folder} is a complete huggingface-layout model: --bits, --adapter, --llava and "
                         "--visual-encoder do not apply to it")
     hf = load_pretrained_model(LlavaForConditionalGeneration, str(folder), dtype=dtype)  # every tensor in the folder
     config = hf.config
-    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
-        raise UserError(f"{folder}: only vision_feature_select_strategy 'default' with one feature layer is supported")
+    if not isinstance(config.vision_feature_layer, int):
+        raise UserError(f"{folder}: only one vision_feature_layer is supported, not {config.vision_feature_layer}")
     ours = rename(hf.state_dict(), keymaps.HUGGINGFACE_LLAVA_MODULES, reverse=True)
     del hf
     with init_empty_weights():  # parameters on meta, real buffers (rotary tables): assigned from `ours` below
@@ -160,7 +159,8 @@ def load(args, folder: Path, dtype: torch.dtype):
     image_processor = AutoImageProcessor.from_pretrained(str(folder))
     pad = bool(image_processor.do_pad)
     image_processor.do_pad = False  # ImagePreprocessor pads (mmbench may switch padding off)
-    model = assemble(llm, clip, projector, _select_layer_hf(args, config), dtype)
+    model = assemble(llm, clip, projector, _select_layer_hf(args, config), dtype,
+                     feature_strategy=config.vision_feature_select_strategy)
     return model, load_tokenizer(str(folder)), image_processor, pad
 
 

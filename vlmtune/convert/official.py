@@ -13,7 +13,7 @@ from vlmtune.convert import keymaps
 from vlmtune.convert.parts import merged_parts, prefixed, trained_parts
 from vlmtune.errors import UserError
 from vlmtune.model.llava import LlavaModel
-from vlmtune.model.vision import load_image_processor
+from vlmtune.model.vision import encoder_spec, load_image_processor
 from vlmtune.weights import copy_tokenizer_files, rename
 
 def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) -> None:
@@ -24,8 +24,12 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
     if llm_type not in keymaps.OFFICIAL_ARCHITECTURES:
         raise UserError(f"--save-format official supports {', '.join(keymaps.OFFICIAL_ARCHITECTURES)} LLMs "
                         f"(haotian-liu/LLaVA's classes), not {llm_type!r}; use --save-format huggingface or xtuner")
+    if not encoder_spec(model.visual_encoder.config).llava_official:
+        raise UserError(f"--save-format official: haotian-liu/LLaVA builds a CLIP vision tower only, not "
+                        f"{type(model.visual_encoder).__name__}; use --save-format huggingface or xtuner")
     clip_trained = trained_parts(cfg)["visual_encoder"] is not None
     projector_type, select_layer = model.projector.official_type, model.visual_select_layer
+    select_feature = {"default": "patch", "full": "cls_patch"}[model.feature_strategy]  # LLaVA's names
     state = prefixed(model.projector, "projector.")
     llm, clip = merged_parts(model)
     state.update(prefixed(llm, "llm."))
@@ -35,13 +39,14 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
         state.pop("llm.lm_head.weight", None)  # shared with embed_tokens; LLaVA ties it again on load
     state = {k: v.contiguous() for k, v in rename(state, keymaps.OFFICIAL_LLAVA).items()}
     save_torch_state_dict(state, str(save_dir), max_shard_size=max_shard_size)
-    config = _official_config(llm, clip, cfg, projector_type, select_layer, clip_trained)
+    config = _official_config(llm, clip, cfg, projector_type, select_layer, select_feature, clip_trained)
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_files(cfg.model.llm_name_or_path, save_dir)  # LLaVA runs on transformers 4.x: the original files
     load_image_processor(cfg.model.visual_encoder_name_or_path).save_pretrained(save_dir)
 
 
-def _official_config(llm, clip, cfg: Config, projector_type: str, select_layer: int, clip_trained: bool) -> dict:
+def _official_config(llm, clip, cfg: Config, projector_type: str, select_layer: int, select_feature: str,
+                     clip_trained: bool) -> dict:
     """The LLM's config plus LLaVA-1.5's mm_* keys (what llava/model/llava_arch.py reads)."""
     architecture, model_type = keymaps.OFFICIAL_ARCHITECTURES[llm.config.model_type]
     values = llm.config.to_dict()
@@ -56,7 +61,7 @@ def _official_config(llm, clip, cfg: Config, projector_type: str, select_layer: 
         mm_projector_type=projector_type,
         mm_use_im_patch_token=False,
         mm_use_im_start_end=False,
-        mm_vision_select_feature="patch",
+        mm_vision_select_feature=select_feature,
         mm_vision_select_layer=select_layer,
         mm_vision_tower=str(Path(tower).resolve()) if Path(tower).exists() else tower,
         mm_patch_merge_type="flat",

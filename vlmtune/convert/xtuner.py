@@ -71,7 +71,8 @@ def load(args, llava: Path, cfg: Config | None, dtype: torch.dtype, device: torc
     vision_adapter = llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR
     projector = load_projector(llava / keymaps.PROJECTOR_DIR)
     model = assemble(llm, clip, projector, select_layer(args, cfg), dtype, adapter,
-                     vision_adapter if vision_adapter.is_dir() else None)
+                     vision_adapter if vision_adapter.is_dir() else None,
+                     cfg.model.vision_feature_select_strategy if cfg else None)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     return model, tokenizer, load_image_processor(clip_path)
 

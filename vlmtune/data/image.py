@@ -118,9 +118,9 @@ class ImagePreprocessor:
 
     @property
     def crop_size(self) -> tuple[int, int]:
-        """(height, width) of the tensors this preprocessor returns."""
-        size = self.image_processor.crop_size
-        return size["height"], size["width"]
+        """(height, width) of the tensors this preprocessor returns: the centre crop's (CLIP), or the size it
+        resizes to when it does not crop (SigLIP)."""
+        return output_size(self.image_processor.to_dict())
 
 
 class FastClipTransform:
@@ -132,22 +132,23 @@ class FastClipTransform:
     """
 
     def __init__(self, processor):
+        values = processor.to_dict()  # CLIP's processor has crop and pad settings, SigLIP's has neither
+        size = values["size"]
         unsupported = [name for name, ok in (
-            ("do_resize", processor.do_resize), ("resample", processor.resample in FAST_RESAMPLE),
-            ("do_pad", not processor.do_pad),  # LlavaImageProcessor's own padding: ImagePreprocessor pads
-            ("size", bool(processor.size.get("shortest_edge")) != bool(processor.size.get("height"))
-             and not processor.size.get("longest_edge")),
+            ("do_resize", values["do_resize"]), ("resample", values["resample"] in FAST_RESAMPLE),
+            ("do_pad", not values.get("do_pad")),  # LlavaImageProcessor's own padding: ImagePreprocessor pads
+            ("size", bool(size.get("shortest_edge")) != bool(size.get("height")) and not size.get("longest_edge")),
         ) if not ok]
         if unsupported:
             raise ValueError(f"image_preprocess='fast' does not support this image processor's "
                              f"{', '.join(unsupported)} ({type(processor).__name__}); use image_preprocess='hf'")
-        self.shortest_edge = processor.size.get("shortest_edge")
-        self.size = None if self.shortest_edge else (processor.size["height"], processor.size["width"])
-        self.mode = FAST_RESAMPLE[int(processor.resample)]
-        self.crop = (processor.crop_size["height"], processor.crop_size["width"]) if processor.do_center_crop else None
-        mean = torch.tensor(processor.image_mean if processor.do_normalize else [0.0] * 3, dtype=torch.float32)
-        std = torch.tensor(processor.image_std if processor.do_normalize else [1.0] * 3, dtype=torch.float32)
-        rescale = processor.rescale_factor if processor.do_rescale else 1.0
+        self.shortest_edge = size.get("shortest_edge")
+        self.size = None if self.shortest_edge else (size["height"], size["width"])
+        self.mode = FAST_RESAMPLE[int(values["resample"])]
+        self.crop = output_size(values) if values.get("do_center_crop") else None
+        mean = torch.tensor(values["image_mean"] if values["do_normalize"] else [0.0] * 3, dtype=torch.float32)
+        std = torch.tensor(values["image_std"] if values["do_normalize"] else [1.0] * 3, dtype=torch.float32)
+        rescale = values["rescale_factor"] if values["do_rescale"] else 1.0
         self.scale = (rescale / std).view(3, 1, 1)  # x * scale + shift == (x * rescale - mean) / std
         self.shift = (-mean / std).view(3, 1, 1)
 
@@ -167,6 +168,13 @@ class FastClipTransform:
         if self.crop is not None:
             resized = center_crop(resized, self.crop)
         return torch.addcmul(self.shift, resized.float(), self.scale)
+
+
+def output_size(processor_values: dict) -> tuple[int, int]:
+    """(height, width) of an image processor's output, from its settings: the centre crop's size when it crops,
+    else the fixed size it resizes to."""
+    size = processor_values["crop_size"] if processor_values.get("do_center_crop") else processor_values["size"]
+    return size["height"], size["width"]
 
 
 def center_crop(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from vlmtune.model.llava import LlavaModel
 from vlmtune.model.peft import add_lora, load_adapter
 from vlmtune.model.pretrained import from_pretrained, load_pretrained_model
 from vlmtune.model.projector import Projector
-from vlmtune.model.vision import load_vision_encoder, lora_targets
+from vlmtune.model.vision import freeze_unused, load_vision_encoder, lora_targets
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -75,11 +75,13 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
     projector = Projector(visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, cfg.projector_depth)
     llm.requires_grad_(not cfg.freeze_llm and cfg.llm_lora is None)
     visual_encoder.requires_grad_(not cfg.freeze_visual_encoder and cfg.visual_encoder_lora is None)
+    freeze_unused(visual_encoder)
     if for_training and llm_cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.use_gradient_checkpointing)
-    model = assemble(llm, visual_encoder, projector, cfg.visual_select_layer, dtype, cfg.llm_lora, cfg.visual_encoder_lora)
+    model = assemble(llm, visual_encoder, projector, cfg.visual_select_layer, dtype, cfg.llm_lora, cfg.visual_encoder_lora,
+                     cfg.vision_feature_select_strategy)
     if for_training and cfg.use_gradient_checkpointing:
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -89,7 +91,8 @@ Adapter = dict | str | Path | None  # a LoRA config (a fresh adapter to train) o
 
 
 def assemble(llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int,
-             dtype: torch.dtype, llm_adapter: Adapter = None, vision_adapter: Adapter = None) -> LlavaModel:
+             dtype: torch.dtype, llm_adapter: Adapter = None, vision_adapter: Adapter = None,
+             feature_strategy: str | None = None) -> LlavaModel:
     """The LlavaModel of these parts: each adapter attached (a dict: a fresh LoRA with those settings; a folder:
     a trained adapter, every key placed, the vision one in either transformers naming), the projector in `dtype`."""
     if isinstance(llm_adapter, dict):
@@ -101,7 +104,7 @@ def assemble(llm: nn.Module, visual_encoder: nn.Module, projector: Projector, vi
                                   task_type=None)
     elif vision_adapter is not None:
         visual_encoder = load_adapter(visual_encoder, vision_adapter, keymaps.CLIP_VISION_ADAPTER)
-    return LlavaModel(llm, visual_encoder, projector.to(dtype), visual_select_layer)
+    return LlavaModel(llm, visual_encoder, projector.to(dtype), visual_select_layer, feature_strategy)
 
 
 def _without_quantization(cfg: ModelConfig) -> ModelConfig:

@@ -41,12 +41,15 @@ class LlavaModel(nn.Module):
     global batch: the result then does not depend on how the batch is split into micro-batches and ranks.
     """
 
-    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2):
+    def __init__(self, llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int = -2,
+                 feature_strategy: str | None = None):
         super().__init__()
         self.llm = llm
         self.visual_encoder = visual_encoder
         self.projector = projector
         self.visual_select_layer = visual_select_layer
+        # 'default' drops the encoder's CLS token, 'full' keeps every token (vision.feature_strategy decides)
+        self.feature_strategy = vision.feature_strategy(visual_encoder.config, feature_strategy)
         # the LLM is transformers' own class: it takes `logits_to_keep` (the loss pass runs the LM head only at
         # target positions) and `cache=` (Generator.generate_shared prefills shared prefixes)
         self.transformers_llm = is_transformers_class(llm)
@@ -54,13 +57,14 @@ class LlavaModel(nn.Module):
     @property
     def image_length(self) -> int:
         """Sequence positions each image takes after the splice (model/vision.py decides)."""
-        return vision.image_tokens(self.visual_encoder.config)
+        return vision.image_tokens(self.visual_encoder.config, self.feature_strategy)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer`, CLS dropped."""
+        """[N, 3, H, W] -> projected patch features [N, P, D] from `visual_select_layer` (model/vision.py)."""
         dtype = next(self.visual_encoder.parameters()).dtype
         out = self.visual_encoder(pixel_values.to(dtype), output_hidden_states=True)
-        features = vision.select_features(out.hidden_states, self.visual_select_layer, self.visual_encoder.config)
+        features = vision.select_features(out.hidden_states, self.visual_select_layer, self.visual_encoder.config,
+                                          self.feature_strategy)
         return self.projector(features.to(self.projector.dtype))
 
     def prepare_inputs(
