@@ -19,7 +19,7 @@ from PIL import Image
 
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from vlmtune.data.image import load_image
-from vlmtune.data.llava_json import RecordError, check_unicode
+from vlmtune.data.llava_json import RecordError, check_unicode, place_image_tags
 from vlmtune.data.templates import get_template
 from vlmtune.errors import UserError
 from vlmtune.inference import Generator
@@ -30,11 +30,12 @@ PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>
 
 
 class Conversation:
-    """One chat: its turns, the image features, and the KV cache of the ids already run through the LLM."""
+    """One chat: its turns, the images' features, and the KV cache of the ids already run through the LLM."""
 
-    def __init__(self, generator: Generator, image: Image.Image | None):
+    def __init__(self, generator: Generator, *images: Image.Image):
         self.generator = generator
-        self.features = generator.encode_images([image]) if image is not None else None  # [1, P, D], once
+        self.n_images = len(images)
+        self.features = generator.encode_images(list(images)) if images else None  # [N, P, D], once
         self.reset()
 
     def reset(self) -> None:
@@ -48,9 +49,7 @@ class Conversation:
     @torch.inference_mode()
     def ask(self, text: str, streamer=None, **gen_kwargs) -> str:
         """The answer to `text` given the history; the turn is added to the history."""
-        user = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-        if not self.turns and self.features is not None:
-            user = f"{DEFAULT_IMAGE_TOKEN}\n{user}"
+        user = (with_images(text, self.n_images) if not self.turns else text.replace(DEFAULT_IMAGE_TOKEN, "")).strip()
         ids = self.generator.prompt_ids([*self.turns, (user, None)])
         gen_kwargs = fit_context(self.generator, [ids], gen_kwargs, "the conversation; RESET starts over")
         self._reuse_cache(ids)
@@ -100,7 +99,7 @@ def main(args) -> int:
     """CLI entry: check the inputs, load the model, then batch / prompts / interactive."""
     if args.prompt_template:
         get_template(args.prompt_template)  # an unknown name fails before the model loads
-    image = _open_image(args.image) if args.image else None
+    images = [_open_image(path) for path in args.image or []]
     batch = read_batch(Path(args.batch)) if args.batch else None
     from vlmtune.loading import load_generator
 
@@ -111,7 +110,7 @@ def main(args) -> int:
     kwargs = generation_kwargs(args)
     if batch is not None:
         return answer_batch(generator, batch, args.output, kwargs)
-    conversation = Conversation(generator, image)
+    conversation = Conversation(generator, *images)
     if args.prompt:
         for text in args.prompt:
             _answer(conversation, text, args.no_streamer, kwargs)
@@ -188,21 +187,30 @@ def read_batch(path: Path) -> list[tuple[dict, Path | None]]:
             check_unicode(record["prompt"], "'prompt'")
         except RecordError as e:
             raise UserError(f"{path}:{n}: {e.detail}") from None
-        image = path.parent / record["image"] if record.get("image") is not None else None
-        if image is not None and not image.is_file():
-            raise UserError(f"{path}:{n}: image {record['image']!r} not found (paths are relative to the file)")
-        items.append((record, image))
+        value = record.get("image")
+        names = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(name, str) for name in names):
+            raise UserError(f"{path}:{n}: 'image' must be a path or a list of paths")
+        images = [path.parent / name for name in names]
+        for name, image in zip(names, images):
+            if not image.is_file():
+                raise UserError(f"{path}:{n}: image {name!r} not found (paths are relative to the file)")
+        try:
+            with_images(record["prompt"], len(images))
+        except UserError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
+        items.append((record, images))
     return items
 
 
-def answer_batch(generator: Generator, items: list[tuple[dict, Path | None]], output: str | None, kwargs: dict) -> int:
+def answer_batch(generator: Generator, items: list[tuple[dict, list[Path]]], output: str | None, kwargs: dict) -> int:
     """Each record + its "answer", as JSONL on `output` (stdout without one), BATCH_SIZE prompts at a time."""
     out = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
         for start in range(0, len(items), BATCH_SIZE):
             chunk = items[start:start + BATCH_SIZE]
-            images = [[_open_image(str(image), "--batch image")] if image is not None else [] for _, image in chunk]
-            prompts = [generator.prompt_ids([(_with_image(r["prompt"], bool(ims)), None)]) for (r, _), ims in zip(chunk, images)]
+            images = [[_open_image(str(image), "--batch image") for image in paths] for _, paths in chunk]
+            prompts = [generator.prompt_ids([(with_images(r["prompt"], len(ims)), None)]) for (r, _), ims in zip(chunk, images)]
             where = f"--batch lines {start + 1}-{start + len(chunk)} (non-empty lines; answers before them are written)"
             fitted = fit_context(generator, prompts, kwargs, where)
             for (record, _), ids in zip(chunk, generator.generate_ids(prompts, images, **fitted)):
@@ -214,8 +222,14 @@ def answer_batch(generator: Generator, items: list[tuple[dict, Path | None]], ou
     return 0
 
 
-def _with_image(prompt: str, has_image: bool) -> str:
-    """LLaVA's placement: `<image>` then a newline before the text, unless the prompt places it itself."""
-    if has_image and DEFAULT_IMAGE_TOKEN not in prompt:
-        return f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
-    return prompt
+def with_images(prompt: str, n_images: int) -> str:
+    """A first turn with the `<image>` tags of `n_images` images, placed as the data format places them
+    (llava_json.place_image_tags): none written -> one per image in front; written -> as written (one moves to
+    the front, several stay interleaved). A count that does not match the images is a user error."""
+    tags = prompt.count(DEFAULT_IMAGE_TOKEN)
+    if tags == 0:
+        prompt = f"{DEFAULT_IMAGE_TOKEN}\n" * n_images + prompt
+    elif tags != n_images:
+        raise UserError(f"the prompt has {tags} <image> tag(s) for {n_images} image(s): write one per image, in "
+                        "order, or none (they then go in front)")
+    return place_image_tags(prompt) if n_images else prompt

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a trained model about images")
     _add_model_args(p)
-    p.add_argument("--image", help="image file to talk about")
+    p.add_argument("--image", action="append", help="image file to talk about; repeat for several images (their "
+                   "<image> tags go in front, or where the first prompt writes them, one per image)")
     p.add_argument("--prompt", action="append", help="answer this prompt and exit (repeatable: one conversation)")
     p.add_argument("--batch", help="JSONL of {image, prompt} lines; answers are written as JSONL to --output")
     p.add_argument("--output", help="output JSONL for --batch (default stdout)")

@@ -10,6 +10,7 @@ so an untouched adapter would hide a merge that does nothing). Variants:
     qwen2       Qwen2 LLM with LoRA, CLIP frozen: the case XTuner's huggingface export refuses
     qlora       as lora with the LLM 4-bit (nf4) while training: converted onto the full-precision LLM
     full        Llama and CLIP trained fully (no LoRA)
+    projector   CLIP and LLM frozen, no LoRA: only the projector trained (nothing to merge: exact exports)
     siglip      a SigLIP encoder (no CLS token: 'full' features, 729 per image), LLM and encoder frozen, no LoRA
     siglip_lora SigLIP with LoRA on the LLM and on the encoder
 """
@@ -48,6 +49,8 @@ def variant_options(name: str, tiny) -> dict:
         return {"quantization": "4bit"}
     if name == "full":
         return {"llm_lora": None, "visual_encoder_lora": None, "freeze_llm": False, "freeze_visual_encoder": False}
+    if name == "projector":
+        return {"llm_lora": None, "visual_encoder_lora": None}
     if name == "siglip":
         return {"visual_encoder_name_or_path": str(tiny.siglip), "llm_lora": None, "visual_encoder_lora": None}
     if name == "siglip_lora":

@@ -237,13 +237,14 @@ def test_real_tokenizer_pinned_plain_ids_match_llava_preprocess_plain(real_token
     assert out.labels == [-100, -100, 330, 5255, 28723, 13]
 
 
-def test_several_images_go_to_the_front_each_with_a_newline(tiny_tokenizer):
+def test_several_images_in_a_turn_stay_interleaved_with_the_text(tiny_tokenizer):
+    """Two or more tags in a turn stay where the text puts them (LLaVA-NeXT's rule for interleaved data)."""
     tok = tiny_tokenizer
     raw = record("Compare <image> with <image>", "Same cat.", image=["a.jpg", "b.jpg"])
     sample = normalize_record(raw, 0)
-    assert sample.turns == [("<image>\n<image>\nCompare  with", "Same cat.")]
+    assert sample.turns == [("Compare <image> with <image>", "Same cat.")]
     out = tokenize_conversation(sample.turns, tok, get_template("internlm2_chat"), 4096, 576)
-    segments = [BOS, P("<|im_start|>user\n"), IMG, P("\n"), IMG, P("\nCompare  with" + IM_A), A("Same cat.<|im_end|>"), P("\n")]
+    segments = [BOS, P("<|im_start|>user\nCompare "), IMG, P(" with "), IMG, P(IM_A), A("Same cat.<|im_end|>"), P("\n")]
     assert (out.input_ids, out.labels) == expected(segments, tok)
     assert out.num_images == 2 and out.length == len(out.input_ids) + 2 * 575
 

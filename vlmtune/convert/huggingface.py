@@ -111,10 +111,9 @@ def _processor(cfg: Config, tokenizer, vision, strategy: str):
               f"training ({template.name}); transformers' answers may differ from `vlmtune chat`'s", file=sys.stderr)
 
     source = load_image_processor(cfg.model.visual_encoder_name_or_path).to_dict()
-    image_processor = LlavaImageProcessorPil(  # SigLIP's resizes straight to its size: no centre crop
-        **{k: source[k] for k in IMAGE_PROCESSOR_KEYS if k in source}, do_center_crop=source.get("do_center_crop", False),
-        do_pad=cfg.data.pad_image_to_square,
-    )
+    settings = {k: source[k] for k in IMAGE_PROCESSOR_KEYS if k in source}
+    settings.setdefault("do_center_crop", False)  # SigLIP's processor resizes straight to its size: no centre crop
+    image_processor = LlavaImageProcessorPil(**settings, do_pad=cfg.data.pad_image_to_square)
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=int(encoder_spec(vision).cls_token),

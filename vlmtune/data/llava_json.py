@@ -1,7 +1,9 @@
 """Normalising one LLaVA record into a `Sample` (reading the files: data/reader.py).
 
-Normalisation follows XTuner's `llava_map_fn`: leading assistant messages are skipped and every `<image>` in
-a human message is moved to its front as `<image>\\n`. Unlike XTuner, two human (or two assistant) messages
+Normalisation follows XTuner's `llava_map_fn`: leading assistant messages are skipped, and the `<image>` of a
+human message with one is moved to its front as `<image>\\n`. A message with two or more tags keeps them where
+they are (interleaved images, LLaVA-NeXT's rule: `place_image_tags`), unless the record has one image, whose
+repeated tags collapse to one in front, as LLaVA-1.5 and XTuner do. Unlike XTuner, two human (or two assistant) messages
 in a row are not silently glued together: XTuner joins human messages without a separator, LLaVA asserts;
 we reject the record as `roles_out_of_order` so `data check` shows it. `<image>` inside an answer is rejected
 too (XTuner would drop the image and train on the marker). Anything a real dataset gets wrong raises
@@ -104,7 +106,7 @@ def _images(value) -> list[str]:
 
 
 def _turns(messages: list) -> tuple[str, list[tuple[str, str]]]:
-    """(system, [(user, assistant), ...]) from LLaVA messages, with `<image>` moved to the front."""
+    """(system, [(user, assistant), ...]) from LLaVA messages, `<image>` tags placed (`place_image_tags`)."""
     system, turns, pending = "", [], None
     for pos, msg in enumerate(messages):
         if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
@@ -118,7 +120,7 @@ def _turns(messages: list) -> tuple[str, list[tuple[str, str]]]:
         elif role in USER_ROLES:
             if pending is not None:
                 raise RecordError("roles_out_of_order", f"message {pos}: two human messages in a row")
-            pending = _image_to_front(value)
+            pending = place_image_tags(value)
         elif role in ASSISTANT_ROLES:
             if pending is None and turns:
                 raise RecordError("roles_out_of_order", f"message {pos}: two assistant messages in a row")
@@ -132,10 +134,10 @@ def _turns(messages: list) -> tuple[str, list[tuple[str, str]]]:
     return system, turns
 
 
-def _image_to_front(text: str) -> str:
-    """LLaVA's rule: `<image>` markers go to the front of the message, each followed by a newline."""
-    n = text.count(DEFAULT_IMAGE_TOKEN)
-    if n == 0:
+def place_image_tags(text: str) -> str:
+    """Where a human message's `<image>` tags go: one tag moves to the front as `<image>\\n` (LLaVA-1.5 and
+    XTuner: the text stripped around it); two or more stay where they are, so text and images interleave as
+    written (LLaVA-NeXT-Interleave / OneVision data). Chat places the tags of its images by this rule too."""
+    if text.count(DEFAULT_IMAGE_TOKEN) != 1:
         return text
-    rest = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-    return ((DEFAULT_IMAGE_TOKEN + "\n") * n + rest).strip()
+    return (DEFAULT_IMAGE_TOKEN + "\n" + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
