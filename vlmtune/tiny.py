@@ -103,7 +103,7 @@ def _corpus() -> list[str]:
     for name in ("pretrain.json", "finetune.json"):
         for record in json.loads((ASSETS / name).read_text(encoding="utf-8")):
             lines += [m["value"] for m in record["conversations"]]
-    lines += [TASK_QUESTION, TASK_FREE_QUESTION, TASK_CAPTION_QUESTION]
+    lines += [TASK_QUESTION, TASK_FREE_QUESTION, TASK_CAPTION_QUESTION, TASK_PAIR_QUESTION, *TASK_TEXT]
     lines += [_caption(c, s) for c in COLOURS for s in SHAPES] + [f"{c.capitalize()}." for c in COLOURS]
     return lines
 
@@ -193,6 +193,8 @@ TASK_QUESTION = "What colour is the shape?"  # multiple choice: options A-D are 
 TASK_FREE_QUESTION = "What colour is the shape in the picture?"  # answered with the colour word
 TASK_CAPTION_QUESTION = "Describe the picture."  # pretraining captions
 TASK_SIZES = {"train": 384, "heldout": 48}
+TASK_PAIR_QUESTION = "First picture: <image>\nSecond picture: <image>\nWhat colour is the shape in the second picture?"
+TASK_TEXT = ("Which colours can the shapes have?", "Red, green, blue or yellow.")  # a text-only turn
 TASK_IMAGE_SIZE = 112  # pixels; the encoder's processor resizes to its own size
 
 
@@ -225,7 +227,8 @@ TASK_OPTIONS = dict(zip("ABCD", COLOURS))  # A. red  B. green  C. blue  D. yello
 def make_task(folder: str | Path, seed: int = 0) -> Path:
     """Write the synthetic task: images/, pretrain.json (captions), finetune.json (multiple-choice and free
     questions about the colour, which only the image gives), heldout.json and heldout_mmbench.tsv (the held-out
-    images as MMBench rows), labels.json (each image's colour and shape)."""
+    images as MMBench rows), labels.json (each image's colour and shape), and multi.json: a mix of two-image
+    records (interleaved: which colour is the second shape?), one-image and text-only records."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -239,10 +242,28 @@ def make_task(folder: str | Path, seed: int = 0) -> Path:
     heldout = [_task_record(f"ho{i}", path, colour, rng) for i, (path, _, colour, _) in enumerate(splits["heldout"])]
     for name, records in (("pretrain", pretrain), ("finetune", finetune), ("heldout", heldout)):
         (folder / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    (folder / "multi.json").write_text(json.dumps(_mixed_records(train, finetune, rng), indent=1), encoding="utf-8")
     labels = {path: {"colour": colour, "shape": shape} for items in splits.values() for path, _, colour, shape in items}
     (folder / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
     _write_task_tsv(folder / "heldout_mmbench.tsv", splits["heldout"])
     return folder
+
+
+def _mixed_records(train, finetune: list[dict], rng: random.Random, n: int = 96) -> list[dict]:
+    """n records, a third each: two images interleaved with text, one image (from finetune.json), text only."""
+    records = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            (first, *_), (second, _, colour, _) = rng.sample(train, 2)
+            records.append({"id": f"pair{i}", "image": [first, second], "conversations": [
+                {"from": "human", "value": TASK_PAIR_QUESTION}, {"from": "gpt", "value": f"{colour.capitalize()}."}]})
+        elif kind == 1:
+            records.append(dict(rng.choice(finetune), id=f"one{i}"))
+        else:
+            records.append({"id": f"text{i}", "conversations": [
+                {"from": "human", "value": TASK_TEXT[0]}, {"from": "gpt", "value": TASK_TEXT[1]}]})
+    return records
 
 
 def _record(record_id: str, image: str, question: str, answer: str) -> dict:
