@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: as the model was trained (its saved config; LLaVA-1.5 finetunes pad)")
     p.set_defaults(target="vlmtune.eval.mmbench:main")
 
+    p = sub.add_parser("eval", help="VLMEvalKit benchmarks (multiple choice, yes/no, VQA), scored as VLMEvalKit scores them")
+    _add_model_args(p, model_optional=True)  # not needed with --predictions; --max-new-tokens: default per benchmark
+    p.add_argument("--data-path", nargs="+", required=True, help="benchmark TSVs named as VLMEvalKit names them "
+                   "(MME.tsv, POPE.tsv, TextVQA_VAL.tsv...; docs/eval.md); the model is loaded once for all")
+    p.add_argument("--dataset", nargs="+", help="the benchmark of each --data-path, for files named otherwise")
+    p.add_argument("--work-dir", default="./work_dirs/eval")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--predictions", nargs="+", help="re-score these predictions files (one per --data-path, same "
+                   "order) without loading a model")
+    p.add_argument("--pad-image-to-square", action=argparse.BooleanOptionalAction,
+                   help="default: as the model was trained (its saved config; LLaVA-1.5 finetunes pad)")
+    p.set_defaults(target="vlmtune.eval.evaluate:main")
+
     data = sub.add_parser("data", help="check or prepare LLaVA data").add_subparsers(dest="data", metavar="ACTION", required=True)
     p = data.add_parser("check", help="find every problem in a LLaVA JSON dataset before training")
     p.add_argument("data_path")
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch(args, argv: list[str]) -> int | None:
-    """The one place that starts a command's other processes (train, and mmbench when it generates): torchrun's
+    """The one place that starts a command's other processes (train, and mmbench and eval when they generate): torchrun's
     exit code when NPROC_PER_NODE/NNODES ask for several (vlmtune/launch.py), else None: run in this process.
 
     The command's cheap checks come first, here and before the heavy stack is imported: a bad config, path or
@@ -184,6 +197,13 @@ def _launch(args, argv: list[str]) -> int | None:
         from vlmtune.eval.mmbench import check_args
 
         check_args(args)
+    elif args.command == "eval" and not args.predictions:
+        from vlmtune.eval.evaluate import check_args, load_all
+        from vlmtune.launch import torchrun_command
+
+        check_args(args)
+        if torchrun_command(argv) is not None:  # a bad data file: one line before torchrun, not one per rank
+            load_all(args.data_path, args.dataset)
     else:
         return None
     from vlmtune.launch import relaunch, setup_slurm

@@ -6,20 +6,18 @@ Circular copies of question i have index i + k * 1_000_000 and rotated options. 
 image cell holds the index of the row with the real image (vlmeval/dataset/image_base.py,
 ImageBaseDataset.__init__: a cell of <= 64 characters is an index); legacy files repeat the image.
 
-The file is read with pandas defaults, as XTuner (tools/mmbench.py, MMBenchDataset) and VLMEvalKit (smp `load`)
-read it, except for two kinds of column: `image` is text (an image reference stays the exact digits of the cell),
-and an option cell (A..Z) is the text it holds, missing only when empty. Pandas' defaults turn the option texts
-"None", "NA", "N/A", "null", "nan" into missing values (the option vanishes from the prompt while the answer still
-names it: VLMEvalKit issue #1559, since fixed there with `keep_default_na=False`) and an all-number option column
-into floats ("A. 1.0" for a cell holding 1). Each row's answer must be one of its option letters, so such a row, or
+The file is read by eval/tsv.py `read_tsv`: with pandas defaults, as XTuner (tools/mmbench.py, MMBenchDataset)
+and VLMEvalKit (smp `load`) read it, except for two kinds of column: `image` is text (an image reference stays the
+exact digits of the cell), and an option cell (A..Z) is the text it holds, missing only when empty. Pandas'
+defaults turn the option texts "None", "NA", "N/A", "null", "nan" into missing values (the option vanishes from
+the prompt while the answer still names it: VLMEvalKit issue #1559; VLMEvalKit e8e78f0 still reads them so) and
+an all-number option column into floats ("A. 1.0" for a cell holding 1). Each row's answer must be one of its option letters, so such a row, or
 a lowercase answer, is an error instead of a silently wrong score. Every image is opened (header only) when the
 file is loaded, so a corrupt one stops the run before the model loads.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,16 +26,14 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from vlmtune.data.image import to_rgb
 from vlmtune.errors import UserError
+from vlmtune.eval.tsv import (MAX_IMAGE_MB, MAX_IMAGE_REF_CHARS, check_image_size, decode_base64_image,
+                              open_base64_image, parse_index, read_tsv)
+
+__all__ = ["MAX_IMAGE_MB", "MMBenchData", "Question", "decode_image", "load_mmbench"]  # MAX_IMAGE_MB: tests
 
 CIRCULAR_STRIDE = 1_000_000  # copy k of question i has index i + k * CIRCULAR_STRIDE
-MAX_IMAGE_REF_CHARS = 64  # VLMEvalKit: an image cell this short is another row's index, not base64
-MAX_IMAGE_MB = 50  # refuse larger images before decoding (base64 holds 3 bytes per 4 characters)
 REQUIRED_COLUMNS = ("index", "question", "A", "B", "category", "image")
-# pandas.read_csv's default missing-value strings (its documentation), kept for every column but the options
-PANDAS_NA = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
-             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +86,7 @@ def load_mmbench(path: str | Path) -> MMBenchData:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: MMBench data file not found")
-    try:
-        columns = pd.read_csv(path, sep="\t", nrows=0).columns
-        options = [c for c in columns if c in string.ascii_uppercase]
-        df = pd.read_csv(path, sep="\t", dtype={"image": str, **dict.fromkeys(options, str)}, keep_default_na=False,
-                         na_values={c: [""] if c in options else PANDAS_NA for c in columns})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable TSV ({e})") from None
+    df = read_tsv(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing or len(df) == 0:
         what = f"missing column(s) {', '.join(missing)}" if missing else "no rows"
@@ -118,9 +108,7 @@ def load_mmbench(path: str | Path) -> MMBenchData:
 
 def decode_image(question: Question) -> Image.Image:
     """The question's image as RGB; bad base64 or an undecodable or oversized image raises UserError."""
-    with _open_image(question) as image:
-        image.load()
-        return to_rgb(image)
+    return decode_base64_image(question.image, question.where())
 
 
 def _check_images(questions: list[Question]) -> None:
@@ -136,25 +124,8 @@ def _check_images(questions: list[Question]) -> None:
 @contextlib.contextmanager
 def _open_image(question: Question) -> Iterator[Image.Image]:
     """The question's image, opened; errors while open or in the `with` body raise UserError naming the row."""
-    try:
-        raw = base64.b64decode(question.image)  # lenient like XTuner's decode_base64_to_image
-        with Image.open(io.BytesIO(raw)) as image:  # PIL's decompression-bomb guard stays on
-            yield image
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{question.where()}: image refused as a decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # binascii.Error is a ValueError
-        raise UserError(f"{question.where()}: image is not a decodable base64 image ({e})") from None
-
-
-def parse_index(value) -> int | None:
-    """A cell as a non-negative integer index (12, 12.0, '12'), or None when it is not one."""
-    try:
-        idx = int(value)
-    except (TypeError, ValueError):
-        return None
-    if idx < 0 or not (idx == value or str(idx) == str(value).strip()):
-        return None
-    return idx
+    with open_base64_image(question.image, question.where()) as image:
+        yield image
 
 
 def _check_indices(df: pd.DataFrame, path: Path) -> list[int]:
@@ -173,7 +144,6 @@ def _check_indices(df: pd.DataFrame, path: Path) -> list[int]:
 def _resolve_images(cells: list, indices: list[int], path: Path) -> list[str]:
     """Base64 per row, following VLMEvalKit's short-cell references (one level, to a row with a real image)."""
     by_index = dict(zip(indices, cells))
-    max_chars = MAX_IMAGE_MB * 2**20 * 4 // 3
     images = []
     for row, (idx, cell) in enumerate(zip(indices, cells), start=1):
         where = f"{path}: row {row} (index {idx})"
@@ -186,8 +156,7 @@ def _resolve_images(cells: list, indices: list[int], path: Path) -> list[str]:
             if not isinstance(target, str) or len(target) <= MAX_IMAGE_REF_CHARS:
                 raise UserError(f"{where}: image refers to index {cell}, which has no image in this file")
             cell = target
-        if len(cell) > max_chars:
-            raise UserError(f"{where}: image is over {MAX_IMAGE_MB} MB; refusing to decode it")
+        check_image_size(cell, where)
         images.append(cell)
     return images
 

@@ -13,37 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
 from vlmtune.errors import UserError
 from vlmtune.eval.matchers import check_matcher
-from vlmtune.eval.mmbench_data import MMBenchData, load_mmbench, parse_index
-from vlmtune.eval.runner import make_run_dir, read_prediction_log, write_args
+from vlmtune.eval.mmbench_data import MMBenchData, load_mmbench
+from vlmtune.eval.runner import make_run_dir, write_args
 from vlmtune.eval.scoring import Report, Verdict, format_table, score, write_report
-
-PREDICTION_SUFFIXES = (".xlsx", ".csv", ".tsv", ".jsonl")
+from vlmtune.eval.sheets import read_prediction_table, write_xlsx
+from vlmtune.eval.tsv import parse_index
 
 
 def read_predictions(path: str | Path) -> dict[int, str]:
     """Index -> prediction from a predictions .xlsx (ours, XTuner's, VLMEvalKit's), a .csv/.tsv table with
-    the same columns, or a .jsonl log."""
+    the same columns, or a .jsonl log (eval/sheets.py reads them all)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: predictions file not found")
-    if path.suffix == ".jsonl":
-        return read_prediction_log(path)
-    if path.suffix not in PREDICTION_SUFFIXES:
-        raise UserError(f"{path}: predictions must be one of {', '.join(PREDICTION_SUFFIXES)} files")
-    try:
-        if path.suffix == ".xlsx":
-            df = pd.read_excel(path)
-        else:  # predictions are text: "None" or "NA" stay what the model said
-            df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype={"prediction": str},
-                             keep_default_na=False, na_values={"prediction": [""]})
-    except Exception as e:  # openpyxl and the csv parser raise many types for a file they cannot read
-        raise UserError(f"{path}: not a readable {path.suffix} ({type(e).__name__}: {e})") from None
-    if "index" not in df.columns or "prediction" not in df.columns:
-        raise UserError(f"{path}: needs 'index' and 'prediction' columns, found {', '.join(map(str, df.columns))}")
+    df = read_prediction_table(path)
     predictions: dict[int, str] = {}
     for row, (index, prediction) in enumerate(zip(df["index"], df["prediction"]), start=2):
         idx = parse_index(index)
@@ -64,12 +48,7 @@ def write_predictions_sheet(data: MMBenchData, predictions: dict[int, str], verd
     if verdicts is not None:
         sheet["extracted"] = [v.extracted for v in verdicts]
         sheet["hit"] = [int(v.hit) for v in verdicts]
-    # openpyxl refuses control characters; a model can emit them, so they are dropped from the sheet only (the
-    # predictions log keeps them). Every column: pandas 3 stores text as its own string dtype, not object.
-    for column in sheet.columns:
-        sheet[column] = [ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in sheet[column]]
-    sheet.to_excel(path, index=False, engine="openpyxl")
-    return path
+    return write_xlsx(sheet, path)
 
 
 def finish_run(data: MMBenchData, predictions: dict[int, str], matcher: str, run_dir: Path) -> Report | None:

@@ -47,14 +47,14 @@ class Item:
     decoded images need not all fit in memory.
     """
 
-    id: int  # the key of its prediction in the logs and in finish()
+    id: int | str  # the key of its prediction in the logs and in finish(): the row's index in its TSV
     group: str
     prompt_ids: list[int]  # the whole prompt, template applied, IMAGE_TOKEN_INDEX where each image goes
     max_new_tokens: int
     images: Callable[[], list[Image.Image]]
 
 
-def run(generator, items: list[Item], run_dir: Path, batch_size: int, finish: Callable[[dict[int, str]], T],
+def run(generator, items: list[Item], run_dir: Path, batch_size: int, finish: Callable[[dict[int | str, str]], T],
         desc: str = "eval") -> T | None:
     """Answer this rank's items not yet in run_dir's logs, then (rank 0) return finish(every prediction by id).
 
@@ -192,21 +192,23 @@ def write_args(run_dir: Path, args: dict) -> Path:
 class PredictionStore:
     """Append-only JSONL of {"index", "prediction"} lines; reopening the file resumes where it stopped.
 
-    `done` maps index -> prediction for every complete line. A partial last line (a crash mid-write) is cut
+    An index is an int or, for benchmarks whose TSV indices are text (HallusionBench), a string; it is written
+    and read back as it is. `done` maps index -> prediction for every complete line. A partial last line (a crash mid-write) is cut
     off on open, so new lines never glue onto it. Each line is flushed as soon as it is written.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.done: dict[int, str] = read_prediction_log(self.path, repair=True)
+        self.done: dict[int | str, str] = read_prediction_log(self.path, repair=True)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def add(self, index: int, prediction: str) -> None:
+    def add(self, index: int | str, prediction: str) -> None:
         """Record one prediction and flush it to disk."""
-        line = json.dumps({"index": int(index), "prediction": prediction}, ensure_ascii=False)
+        index = _key(index)
+        line = json.dumps({"index": index, "prediction": prediction}, ensure_ascii=False)
         self._file.write(line + "\n")
         self._file.flush()
-        self.done[int(index)] = prediction
+        self.done[index] = prediction
 
     def close(self) -> None:
         """Close the file (further `add`s fail)."""
@@ -219,7 +221,7 @@ class PredictionStore:
         self.close()
 
 
-def read_prediction_log(path: Path, repair: bool = False) -> dict[int, str]:
+def read_prediction_log(path: Path, repair: bool = False) -> dict[int | str, str]:
     """Index -> prediction from a PredictionStore file; a partial last line is ignored (cut off if repair)."""
     if not path.exists():
         return {}
@@ -233,15 +235,20 @@ def read_prediction_log(path: Path, repair: bool = False) -> dict[int, str]:
         try:
             record = json.loads(line)
             prediction = record["prediction"]
-            done[int(record["index"])] = "" if prediction is None else str(prediction)  # null: no answer
+            done[_key(record["index"])] = "" if prediction is None else str(prediction)  # null: no answer
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: line {number} is not an {{index, prediction}} record ({e})") from None
     return done
 
 
-def gather_predictions(run_dir: Path) -> dict[int, str]:
+def gather_predictions(run_dir: Path) -> dict[int | str, str]:
     """Index -> prediction over every rank's log in run_dir (a cut-off last line is ignored)."""
-    predictions: dict[int, str] = {}
+    predictions: dict[int | str, str] = {}
     for log in sorted(run_dir.glob(LOG_GLOB)):
         predictions.update(read_prediction_log(log))
     return predictions
+
+
+def _key(index) -> int | str:
+    """A log key: text stays text, anything else (an int, numpy's int64) becomes an int."""
+    return index if isinstance(index, str) else int(index)

@@ -81,16 +81,29 @@ def accuracy_rows(data: MMBenchData, hits: dict[int, bool], eval_name: str) -> l
     df = pd.DataFrame(
         {
             "split": [q.split or "none" for q in main.values()],
-            "l2": [q.l2_category for q in main.values()],
-            "l3": [q.category for q in main.values()],
+            "l2-category": [q.l2_category for q in main.values()],
+            "category": [q.category for q in main.values()],
             "hit": [float(hits[i]) for i in main],
         }
     )
+    return [{"eval": eval_name, **row} for row in report_acc(df)]
+
+
+def report_acc(df: pd.DataFrame) -> list[dict]:
+    """VLMEvalKit multiple_choice.py report_acc on a frame of hits (0/1) with optional split, l2-category and
+    category columns: one dict per split ('none' without the column): 'split', Overall, then each L2 ability
+    (abbreviated, sorted by full name), each category (sorted), as fractions; NaN where a split has none.
+
+    VLMEvalKit lists the splits in `set` order, which varies between runs; they are sorted here."""
+    splits = sorted(set(df["split"])) if "split" in df else ["none"]
+    split_of = df["split"] if "split" in df else pd.Series(["none"] * len(df), index=df.index)
     rows = []
-    for split in sorted(set(df["split"])):
-        part = df[df["split"] == split]
-        row = {"eval": eval_name, "split": split, "Overall": part["hit"].mean()}
-        for column, names in (("l2", MMB_ABBRS), ("l3", {})):
+    for split in splits:
+        part = df[split_of == split]
+        row = {"split": split, "Overall": part["hit"].mean()}
+        for column, names in (("l2-category", MMB_ABBRS), ("category", {})):
+            if column not in df:
+                continue
             for ability in sorted(set(df[column])):  # every ability of the file, NaN if absent in this split
                 sub = part[part[column] == ability]["hit"]
                 row[names.get(ability, ability)] = sub.mean() if len(sub) else np.nan
