@@ -46,3 +46,16 @@ def vqa_rows(images: list[str], n: int = 8) -> list[dict]:
         rows.append(dict(index=i, question=f"What colour is object {i}?", answer=repr(answers),
                          category=("colour", "text")[i % 2], image=images[i % 4]))
     return rows
+
+
+def mmmu_rows(images: list[str]) -> list[dict]:
+    """MMMU-like: a two-image row (a list literal of base64 images), an open question, a one-image MCQ row."""
+    return [
+        dict(index=0, question="Which picture shows <image 1> best?", A="the first", B="the second",
+             answer="A", split="validation", image=repr([images[0], images[1]])),
+        dict(index=1, question="How many objects are in <image 1>?", answer="3", split="validation", image=images[2]),
+        dict(index=2, question="Which animal?", A="cat", B="dog", C="bird", answer="C", split="dev", image=images[3]),
+    ]
+
+
+MMMU_COLUMNS = ["index", "question", "A", "B", "C", "answer", "split", "image"]
