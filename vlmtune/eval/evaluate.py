@@ -119,9 +119,14 @@ def evaluate_one(generator, one: Loaded, run_dir: Path, args) -> list[dict] | No
     max_new = one.max_new_tokens(args.max_new_tokens)
     if rank_and_world()[0] == 0:
         write_prompts(one, max_new, out_dir / "prompts.jsonl")
-    items = [Item(p.index, p.group, generator.prompt_ids([(p.text, None)]), max_new, p.images) for p in one.prompts]
-    return run(generator, items, out_dir, args.batch_size, lambda predictions: finish(one, predictions, out_dir),
-               desc=one.stem)
+    return run(generator, items(generator, one, max_new), out_dir, args.batch_size,
+               lambda predictions: finish(one, predictions, out_dir), desc=one.stem)
+
+
+def items(generator, one: Loaded, max_new_tokens: int) -> list[Item]:
+    """One runner item per row: its prompt in the model's template (the training tokenization path)."""
+    return [Item(p.index, p.group, generator.prompt_ids([(p.text, None)]), max_new_tokens, p.images)
+            for p in one.prompts]
 
 
 def write_prompts(one: Loaded, max_new_tokens: int, path: Path) -> None:
