@@ -101,9 +101,11 @@ def tiny_batch(tiny, tiny_tokenizer):
     samples = []
     for i, (images, turns) in enumerate(conversations):
         tok = tokenize_conversation(turns, tiny_tokenizer, template, 4096, 576)
-        pixels = [preprocess(load_image(tiny.data / "images" / name)) for name in images]
+        loaded = [load_image(tiny.data / "images" / name) for name in images]
+        pixels = [preprocess(im) for im in loaded]
         samples.append({
             "id": str(i), "input_ids": torch.tensor(tok.input_ids), "labels": torch.tensor(tok.labels),
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 336, 336),
+            "image_sizes": torch.tensor([(im.height, im.width) for im in loaded], dtype=torch.long).reshape(-1, 2),
         })
     return collate(samples, pad_token_id=tiny_tokenizer.pad_token_id)

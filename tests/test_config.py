@@ -1,6 +1,7 @@
 """Config files: validation errors that name key and file, _base_ inheritance, overrides, shipped configs."""
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -72,6 +73,40 @@ def test_choice_keys_accept_none_and_listed_values(tmp_path):
     cfg = load_config(str(path))
     assert (cfg.model.attn_implementation, cfg.data.lazy_tokenize) == ("eager", None)
     assert load_config(str(write(tmp_path, "d.py", MINIMAL))).model.attn_implementation is None
+
+
+GRID = "image_grid_pinpoints = [(336, 672), (672, 336)]\n"
+
+
+@pytest.mark.parametrize("lines,ratio", [
+    ("", "square"),
+    ("pad_image_to_square = True\n", "pad"),  # XTuner's key: the alias of LLaVA's 'pad'
+    ("pad_image_to_square = False\n", "square"),
+    ("image_aspect_ratio = 'pad'\n", "pad"),
+    ("image_aspect_ratio = 'pad'\npad_image_to_square = True\n", "pad"),
+    ("image_aspect_ratio = 'square'\npad_image_to_square = False\n", "square"),
+    (GRID, "anyres"),  # transformers' LlavaNextConfig names only the grid
+    ("image_aspect_ratio = 'anyres'\n" + GRID, "anyres"),
+    ("image_aspect_ratio = 'anyres'\npad_image_to_square = False\n" + GRID, "anyres"),  # False does not contradict
+])
+def test_image_aspect_ratio_resolves_the_keys_that_agree(tmp_path, lines, ratio):
+    cfg = load_config(str(write(tmp_path, "ok.py", MINIMAL + lines)))
+    assert cfg.data.image_aspect_ratio == ratio
+    assert cfg.data.pad_image_to_square == (ratio == "pad")
+    assert (cfg.model.image_grid_pinpoints is not None) == (ratio == "anyres")
+
+
+@pytest.mark.parametrize("lines,expected", [
+    ("image_aspect_ratio = 'pad'\npad_image_to_square = False\n", "pad_image_to_square=False and image_aspect_ratio='pad'"),
+    ("image_aspect_ratio = 'square'\npad_image_to_square = True\n", "pad_image_to_square=True and image_aspect_ratio='square'"),
+    ("pad_image_to_square = True\n" + GRID, "pad_image_to_square=True and image_grid_pinpoints (AnyRes)"),
+    ("image_aspect_ratio = 'pad'\n" + GRID, "image_grid_pinpoints (AnyRes) and image_aspect_ratio='pad'"),
+    ("image_aspect_ratio = 'anyres'\n", "image_aspect_ratio='anyres' tiles images into the grids"),
+    ("image_aspect_ratio = 'anyres_max_9'\n", "'image_aspect_ratio' should be one of square, pad, anyres"),
+])
+def test_image_aspect_ratio_keys_that_disagree_fail_at_load(tmp_path, lines, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config(str(write(tmp_path, "bad.py", MINIMAL + lines)))
 
 
 def test_lazy_tokenize_with_packing_is_refused_at_load(tmp_path):

@@ -4,7 +4,10 @@ SIGKILL, converts to both layouts, chats and runs MMBench.
 - siglip: tiny_llava_siglip_task_finetune_lora (no CLS token, 'full' features, 729 tokens per image, LoRA on
   the LLM and on SigLIP's own layers; its pooling head is not built);
 - multi_image: tiny_llava_multi_image_task_finetune_lora (two-image records whose tags sit inside the text,
-  one-image and text-only records, mixed in the same batches); chat gets two images.
+  one-image and text-only records, mixed in the same batches); chat gets two images;
+- anyres: tiny_llava_anyres_task_finetune_lora (images of six aspect ratios tiled into different grids, so each
+  batch mixes token counts; the image_newline vector trains with the projector); the huggingface export is a
+  LlavaNext folder, which chat and mmbench load.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from test_train import (WEIGHT_RTOL, assert_none_left, assert_ok, max_rel_diff, 
 from vlmtune.cli import main as cli
 
 pytestmark = pytest.mark.slow
-RECIPES = {"siglip": "tiny_llava_siglip_task_finetune_lora", "multi_image": "tiny_llava_multi_image_task_finetune_lora"}
+RECIPES = {"siglip": "tiny_llava_siglip_task_finetune_lora", "multi_image": "tiny_llava_multi_image_task_finetune_lora",
+           "anyres": "tiny_llava_anyres_task_finetune_lora"}
 OPTIONS = dict(max_steps=6, save_steps=1, save_total_limit=0, warmup_ratio=0.2, logging_interval=1,
                evaluation_freq=1000, group_by_length=False)
 
@@ -42,6 +46,9 @@ def test_trains_on_two_ranks(reference):
     assert log[-1]["step"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     if recipe == "multi_image":  # every batch kind went through: 2-image, 1-image and text-only records
         assert "no_trainable_tokens" not in (work_dir / "train.log").read_text()
+    if recipe == "anyres":  # the row separator trained: it moved from where step 1 left it
+        assert state["image_newline"].shape == (64,)
+        assert not torch.equal(state["image_newline"], weights(work_dir, 1)["image_newline"])
 
 
 def test_killed_with_sigkill_resumes_exactly(reference, tmp_path):
@@ -62,6 +69,8 @@ def test_checkpoint_converts_chats_and_runs_mmbench(reference, tiny, tmp_path, c
     pth = work_dir / "iter_6.pth"
     assert cli(["convert", "pth_to_hf", str(pth), str(tmp_path / "xtuner")]) == 0
     assert cli(["convert", "pth_to_hf", str(pth), str(tmp_path / "hf"), "--save-format", "huggingface"]) == 0
+    model_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+    assert model_type == ("llava_next" if recipe == "anyres" else "llava")
     capsys.readouterr()
     images = [str(tiny.task / "images" / f"heldout_000{i}.png") for i in range(2 if recipe == "multi_image" else 1)]
     prompt = "What colour is the shape in the second picture?" if recipe == "multi_image" else "What colour is the shape?"

@@ -35,7 +35,8 @@ class Conversation:
     def __init__(self, generator: Generator, *images: Image.Image):
         self.generator = generator
         self.n_images = len(images)
-        self.features = generator.encode_images(list(images)) if images else None  # [N, P, D], once
+        self.features = generator.encode_images(list(images)) if images else None  # [N, P, D] or N x [L_i, D], once
+        self.image_lengths = [len(f) for f in self.features] if images else []  # positions per image
         self.reset()
 
     def reset(self) -> None:
@@ -51,7 +52,8 @@ class Conversation:
         """The answer to `text` given the history; the turn is added to the history."""
         user = (with_images(text, self.n_images) if not self.turns else text.replace(DEFAULT_IMAGE_TOKEN, "")).strip()
         ids = self.generator.prompt_ids([*self.turns, (user, None)])
-        gen_kwargs = fit_context(self.generator, [ids], gen_kwargs, "the conversation; RESET starts over")
+        gen_kwargs = fit_context(self.generator, [ids], gen_kwargs, "the conversation; RESET starts over",
+                                 self.image_lengths)
         self._reuse_cache(ids)
         inputs = self.generator.embed([ids], self.features if IMAGE_TOKEN_INDEX in ids else None)
         new = self.generator.generate_embeds(inputs, cache=self.cache, streamer=streamer, **gen_kwargs)[0].tolist()
@@ -67,18 +69,21 @@ class Conversation:
         while keep < limit and self.cached_ids[keep] == ids[keep]:
             keep += 1
         held = self.cache.get_seq_length()
-        if held != self.generator.expanded_length(self.cached_ids):  # e.g. a generate that failed midway: start clean
+        if held != self.generator.expanded_length(self.cached_ids, self.image_lengths):  # e.g. a generate that failed midway
             self.cache.reset()
             return
-        drop = held - self.generator.expanded_length(ids[:keep])
+        drop = held - self.generator.expanded_length(ids[:keep], self.image_lengths)
         if drop:
             self.cache.crop(-drop)
 
 
-def fit_context(generator: Generator, prompts: list[list[int]], gen_kwargs: dict, what: str) -> dict:
+def fit_context(generator: Generator, prompts: list[list[int]], gen_kwargs: dict, what: str,
+                image_lengths: list[int] | None = None) -> dict:
     """`gen_kwargs` with max_new_tokens cut to the room the longest prompt leaves in the LLM's context; a
-    UserError naming `what` when a prompt (images expanded) fills the context by itself."""
-    length, limit = max(generator.expanded_length(p) for p in prompts), generator.context_length
+    UserError naming `what` when a prompt (images expanded: `image_lengths` each, by default the most an
+    image can take) fills the context by itself."""
+    length = max(generator.expanded_length(p, image_lengths) for p in prompts)
+    limit = generator.context_length
     if length >= limit:
         raise UserError(f"{what}: {length} tokens (images counted), the model's context is {limit}")
     return {**gen_kwargs, "max_new_tokens": min(gen_kwargs.get("max_new_tokens", limit), limit - length)}

@@ -29,6 +29,9 @@ class ModelConfig:
     # transformers' names: 'default' drops the encoder's CLS token (CLIP, LLaVA-1.5), 'full' keeps every token
     # (SigLIP has no CLS); None = 'default' for an encoder with a CLS token, 'full' for one without
     vision_feature_select_strategy: str | None = None
+    # AnyRes (LLaVA-NeXT): the (height, width) grids an image may be tiled into, multiples of the encoder's image
+    # size, e.g. [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]; None = one square image
+    image_grid_pinpoints: list[tuple[int, int]] | None = None
     projector_depth: int = 2
     freeze_llm: bool = True
     freeze_visual_encoder: bool = True
@@ -51,7 +54,11 @@ class DataConfig:
     image_folder: str
     prompt_template: str
     max_length: int = 2048  # counts each image as the tokens it expands to (576 for CLIP-L/336)
-    pad_image_to_square: bool = False
+    # LLaVA's image_aspect_ratio: 'square' (the encoder's resize and crop), 'pad' (to a square in the mean colour
+    # first, LLaVA-1.5), 'anyres' (LLaVA-NeXT tiles, with image_grid_pinpoints). None = what the two keys below
+    # say; `_aspect_ratio` resolves all three at load, so the others agree with it afterwards
+    image_aspect_ratio: str | None = None
+    pad_image_to_square: bool = False  # XTuner's name for image_aspect_ratio='pad'
     image_preprocess: str = "hf"  # "hf" (the encoder's image processor itself, bit-exact with transformers/XTuner) or "fast" (torch; speed in docs/benchmarks.md)
     system: str = ""
     group_by_length: bool = True  # modality-aware length grouping, as LLaVA/XTuner
@@ -106,6 +113,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {  # string keys with a fixed set of values
     "image_preprocess": ("fast", "hf"),
+    "image_aspect_ratio": ("square", "pad", "anyres"),
     "vision_feature_select_strategy": ("default", "full"),
     "attn_implementation": ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"),
 }
@@ -247,10 +255,48 @@ def _validate(values: dict, path: Path) -> dict:
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{path}: required config key {f.name!r} is missing")
         out[section] = cls(**kwargs)
+    _aspect_ratio(out["model"], out["data"], "pad_image_to_square" in values, path)
+    if out["model"].image_grid_pinpoints is not None:
+        _check_anyres(out["model"], out["data"], path)
     if out["data"].lazy_tokenize and out["data"].pack_to_max_length:
         raise UserError(f"{path}: pack_to_max_length needs exact lengths, so records are tokenized up front; "
                         f"remove lazy_tokenize=True (or set it False)")
     return out
+
+
+def _aspect_ratio(model: ModelConfig, data: DataConfig, pad_given: bool, path: Path) -> None:
+    """Resolve how images are fed into `data.image_aspect_ratio`, with `pad_image_to_square` (its 'pad' alias)
+    and `image_grid_pinpoints` ('anyres') set to agree. One key decides; keys set to disagreeing values, or
+    'anyres' without pinpoints, are one-line errors."""
+    ratio, pinpoints = data.image_aspect_ratio, model.image_grid_pinpoints
+    said = {}  # key -> the values of image_aspect_ratio it allows
+    if pad_given or data.pad_image_to_square:
+        said["pad_image_to_square"] = {"pad"} if data.pad_image_to_square else {"square", "anyres"}
+    if pinpoints is not None:
+        said["image_grid_pinpoints"] = {"anyres"}
+    if ratio is not None:
+        said["image_aspect_ratio"] = {ratio}
+    allowed = set.intersection({"square", "pad", "anyres"}, *said.values())
+    if not allowed:
+        meaning = {"pad_image_to_square": f"={data.pad_image_to_square}", "image_grid_pinpoints": " (AnyRes)",
+                   "image_aspect_ratio": f"={ratio!r}"}
+        raise UserError(f"{path}: {' and '.join(k + meaning[k] for k in said)} disagree; keep one (image_aspect_ratio "
+                        f"decides: 'square', 'pad', or 'anyres' with image_grid_pinpoints)")
+    ratio = next(iter(allowed)) if len(allowed) == 1 else "square"
+    if ratio == "anyres" and pinpoints is None:
+        raise UserError(f"{path}: image_aspect_ratio='anyres' tiles images into the grids image_grid_pinpoints lists; "
+                        "set it, e.g. image_grid_pinpoints=[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]")
+    data.image_aspect_ratio, data.pad_image_to_square = ratio, ratio == "pad"
+
+
+def _check_anyres(model: ModelConfig, data: DataConfig, path: Path) -> None:
+    """AnyRes settings that contradict each other fail at load (the pinpoints against the encoder: at build)."""
+    if not model.image_grid_pinpoints or any(min(p) <= 0 for p in model.image_grid_pinpoints):
+        raise UserError(f"{path}: image_grid_pinpoints should list positive (height, width) grids, e.g. "
+                        f"[(336, 672), (672, 336), (672, 672)], got {model.image_grid_pinpoints!r}")
+    if data.image_preprocess != "hf":
+        raise UserError(f"{path}: image_grid_pinpoints (AnyRes) preprocesses with transformers' LlavaNext image "
+                        f"processor; set image_preprocess='hf'")
 
 
 def _check_type(value, hint, key: str, path: Path):

@@ -46,28 +46,37 @@ class Generator:
         """Positions the LLM was built for (`max_position_embeddings`): a prompt and its answer must fit."""
         return self.model.llm.config.get_text_config().max_position_embeddings
 
-    def expanded_length(self, ids: list[int]) -> int:
-        """Sequence positions of `ids` in the LLM: each image slot is P positions."""
-        return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (self.image_length - 1)
+    def expanded_length(self, ids: list[int], image_lengths: list[int] | None = None) -> int:
+        """Sequence positions of `ids` in the LLM: image slot i takes image_lengths[i] positions (by default
+        `image_length` each: the most an image can take)."""
+        slots = ids.count(IMAGE_TOKEN_INDEX)
+        lengths = image_lengths[:slots] if image_lengths is not None else [self.image_length] * slots
+        return len(ids) - slots + sum(lengths)
 
     @property
     def device(self) -> torch.device:
         return self.model.projector.first.weight.device
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
-        """[N, 3, H, W] on the model's device, or None without images."""
+        """[T, 3, H, W] on the model's device: each image's encoder inputs, one or (AnyRes) several tiles; None
+        without images."""
         if not images:
             return None
-        return torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return torch.cat([self.preprocess.tiles(im) for im in images]).to(self.device)
+
+    def image_sizes(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, 2]: the images' (height, width), which AnyRes tiles by."""
+        return torch.tensor([(im.height, im.width) for im in images], dtype=torch.long).reshape(-1, 2)
 
     @torch.inference_mode()
-    def encode_images(self, images: list[Image.Image]) -> torch.Tensor | None:
-        """Projected image features [N, P, D] (CLIP + projector run here, once per image), None without images."""
+    def encode_images(self, images: list[Image.Image]):
+        """Projected image features, [N, P, D] or (AnyRes) one [L_i, D] per image (CLIP + projector run here, once
+        per image), None without images."""
         pixels = self.pixel_values(images)
-        return None if pixels is None else self.model.encode_images(pixels)
+        return None if pixels is None else self.model.encode_images(pixels, self.image_sizes(images))
 
     @torch.inference_mode()
-    def embed(self, prompts: list[list[int]], features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def embed(self, prompts: list[list[int]], features) -> dict[str, torch.Tensor]:
         """Left-padded inputs_embeds [B, L, D] + attention_mask [B, L]: `features` spliced at the image slots."""
         T = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -120,7 +129,7 @@ class Generator:
         """`generate_embeds` inputs and the KV cache that holds every group's shared prefix, for `generate_shared`.
 
         G groups, B prompts in all, P patches per image, D hidden:
-            1. CLIP + projector on every group's images at once: features [N, P, D]
+            1. CLIP + projector on every group's images at once: features [N, P, D] (AnyRes: N of [L_i, D])
             2. each group's prefix (the longest common prefix of its prompts' ids, at least one id left to each
                prompt), spliced, alone through the LLM: unpadded, so the causal attention path, no mask
             3. those caches left-padded with zeros to the longest, Lp, each copied to its group's prompts: one
@@ -132,7 +141,7 @@ class Generator:
         """
         cuts = [shared_prefix_length(prompts) for _, prompts in groups]
         features = self.encode_images([im for images, _ in groups for im in images])
-        per_group = features.split([len(ims) for ims, _ in groups]) if features is not None else [None] * len(groups)
+        per_group = _split(features, [len(ims) for ims, _ in groups]) if features is not None else [None] * len(groups)
         caches = [self._prefill(prompts[0][:n], f) for (_, prompts), n, f in zip(groups, cuts, per_group)]
         cache, prefix_mask = self._shared_cache(caches, [len(prompts) for _, prompts in groups])
         suffix = self.embed([p[n:] for (_, prompts), n in zip(groups, cuts) for p in prompts], None)
@@ -143,7 +152,7 @@ class Generator:
         return inputs, cache
 
     @torch.inference_mode()
-    def _prefill(self, prefix: list[int], features: torch.Tensor | None):
+    def _prefill(self, prefix: list[int], features):
         """The DynamicCache of one prompt prefix: keys and values [1, heads, L, head_dim] per layer."""
         from transformers import DynamicCache
 

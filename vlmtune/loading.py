@@ -45,7 +45,8 @@ def load_generator(args) -> Generator:
         model.projector.to(device)
     system = args.system or (cfg.data.system if cfg else "")
     method = cfg.data.image_preprocess if cfg else "hf"  # as trained; a model from elsewhere gets its processor's own
-    preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method)
+    pinpoints = model.anyres.pinpoints if model.anyres is not None else None  # AnyRes tiles as the model was trained
+    preprocess = ImagePreprocessor(image_processor, pad_to_square=pad, method=method, pinpoints=pinpoints)
     return Generator(model.eval(), tokenizer, template, preprocess, model.image_length, system)
 
 

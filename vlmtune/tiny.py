@@ -196,21 +196,25 @@ TASK_SIZES = {"train": 384, "heldout": 48}
 TASK_PAIR_QUESTION = "First picture: <image>\nSecond picture: <image>\nWhat colour is the shape in the second picture?"
 TASK_TEXT = ("Which colours can the shapes have?", "Red, green, blue or yellow.")  # a text-only turn
 TASK_IMAGE_SIZE = 112  # pixels; the encoder's processor resizes to its own size
+# (width, height) of anyres.json's images: AnyRes picks a different grid, so a different token count, for each
+ANYRES_CANVASES = ((224, 112), (112, 224), (336, 112), (112, 336), (168, 112), (112, 112))
 
 
 def _caption(colour: str, shape: str) -> str:
     return f"A {colour} {shape} on a grey background."
 
 
-def draw_shape(rng: random.Random):
-    """(image, colour, shape): one filled shape at a random place and size on a random grey background."""
+def draw_shape(rng: random.Random, canvas: tuple[int, int] = (TASK_IMAGE_SIZE, TASK_IMAGE_SIZE)):
+    """(image, colour, shape): one filled shape at a random place and size on a random grey background of
+    `canvas` (width, height) pixels."""
     from PIL import Image, ImageDraw
 
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     grey = rng.randint(90, 170)
-    image = Image.new("RGB", (TASK_IMAGE_SIZE, TASK_IMAGE_SIZE), (grey, grey, grey))
-    size = rng.randint(TASK_IMAGE_SIZE // 3, TASK_IMAGE_SIZE // 2)
-    x, y = rng.randint(0, TASK_IMAGE_SIZE - size), rng.randint(0, TASK_IMAGE_SIZE - size)
+    width, height = canvas
+    image = Image.new("RGB", canvas, (grey, grey, grey))
+    size = rng.randint(min(canvas) // 3, min(canvas) // 2)
+    x, y = rng.randint(0, width - size), rng.randint(0, height - size)
     draw, fill = ImageDraw.Draw(image), COLOURS[colour]
     if shape == "square":
         draw.rectangle((x, y, x + size, y + size), fill=fill)
@@ -227,8 +231,9 @@ TASK_OPTIONS = dict(zip("ABCD", COLOURS))  # A. red  B. green  C. blue  D. yello
 def make_task(folder: str | Path, seed: int = 0) -> Path:
     """Write the synthetic task: images/, pretrain.json (captions), finetune.json (multiple-choice and free
     questions about the colour, which only the image gives), heldout.json and heldout_mmbench.tsv (the held-out
-    images as MMBench rows), labels.json (each image's colour and shape), and multi.json: a mix of two-image
-    records (interleaved: which colour is the second shape?), one-image and text-only records."""
+    images as MMBench rows), labels.json (each image's colour and shape), multi.json: a mix of two-image
+    records (interleaved: which colour is the second shape?), one-image and text-only records, and anyres.json:
+    finetune.json's questions on images of several aspect ratios (ANYRES_CANVASES)."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -243,6 +248,7 @@ def make_task(folder: str | Path, seed: int = 0) -> Path:
     for name, records in (("pretrain", pretrain), ("finetune", finetune), ("heldout", heldout)):
         (folder / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     (folder / "multi.json").write_text(json.dumps(_mixed_records(train, finetune, rng), indent=1), encoding="utf-8")
+    (folder / "anyres.json").write_text(json.dumps(_anyres_records(folder, rng), indent=1), encoding="utf-8")
     labels = {path: {"colour": colour, "shape": shape} for items in splits.values() for path, _, colour, shape in items}
     (folder / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
     _write_task_tsv(folder / "heldout_mmbench.tsv", splits["heldout"])
@@ -263,6 +269,17 @@ def _mixed_records(train, finetune: list[dict], rng: random.Random, n: int = 96)
         else:
             records.append({"id": f"text{i}", "conversations": [
                 {"from": "human", "value": TASK_TEXT[0]}, {"from": "gpt", "value": TASK_TEXT[1]}]})
+    return records
+
+
+def _anyres_records(folder: Path, rng: random.Random, n: int = 96) -> list[dict]:
+    """n task records (finetune.json's questions) on new images, drawn on each of ANYRES_CANVASES in turn."""
+    records = []
+    for i in range(n):
+        path = f"images/anyres_{i:04d}.png"
+        image, colour, _ = draw_shape(rng, ANYRES_CANVASES[i % len(ANYRES_CANVASES)])
+        image.save(folder / path)
+        records.append(_task_record(f"ar{i}", path, colour, rng))
     return records
 
 

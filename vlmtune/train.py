@@ -65,7 +65,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     pretrained = load_trained_weights(cfg.train.pretrained_pth)[0] if cfg.train.pretrained_pth else None
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
     preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
-                                   cfg.data.image_preprocess)
+                                   cfg.data.image_preprocess, cfg.model.image_grid_pinpoints)
     model = build_model(cfg.model)
     image_length = model.image_length
     if pretrained is not None:
@@ -73,7 +73,8 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir))
+    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir),
+                                    model.anyres)
     logger.info(f"data {cfg.data.data_path}: {report.summary()}")
     _preflight(cfg, report)
     sampler, collate_fn = _batching(cfg, dataset, info)
@@ -100,7 +101,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
         logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
 
     evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, logger)
-    state = fit(engine, loader, sampler, cfg, info, work_dir, state, total_steps, image_length, evaluate, logger)
+    state = fit(engine, loader, sampler, cfg, info, work_dir, state, total_steps, model.image_lengths, evaluate, logger)
     logger.info(f"done: {state.step} steps, {state.samples_seen} samples, {state.skipped} skipped; checkpoints in {work_dir}")
     return state
 

@@ -13,6 +13,8 @@ so an untouched adapter would hide a merge that does nothing). Variants:
     projector   CLIP and LLM frozen, no LoRA: only the projector trained (nothing to merge: exact exports)
     siglip      a SigLIP encoder (no CLS token: 'full' features, 729 per image), LLM and encoder frozen, no LoRA
     siglip_lora SigLIP with LoRA on the LLM and on the encoder
+    anyres      AnyRes (LLaVA-NeXT tiling, image_newline), LLM and CLIP frozen, no LoRA
+    anyres_lora AnyRes with LoRA on the LLM and on CLIP
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from vlmtune.cli import main as cli_main
 from vlmtune.config import load_config
 from vlmtune.weights import FORMAT
+from vlmtune.model.anyres import DEFAULT_PINPOINTS as ANYRES_PINPOINTS
 from vlmtune.model.build import build_model
 
 IMAGE = Path(__file__).resolve().parents[2] / "vlmtune" / "assets" / "example" / "images" / "chelsea.jpg"  # 320x213
@@ -55,6 +58,9 @@ def variant_options(name: str, tiny) -> dict:
         return {"visual_encoder_name_or_path": str(tiny.siglip), "llm_lora": None, "visual_encoder_lora": None}
     if name == "siglip_lora":
         return {"visual_encoder_name_or_path": str(tiny.siglip)}
+    if name in ("anyres", "anyres_lora"):
+        lora = {} if name == "anyres_lora" else {"llm_lora": None, "visual_encoder_lora": None}
+        return {"image_grid_pinpoints": [list(p) for p in ANYRES_PINPOINTS], "pad_image_to_square": False, **lora}
     raise KeyError(name)
 
 

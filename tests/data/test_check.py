@@ -208,3 +208,30 @@ def test_tokens_per_image_come_from_the_encoder_s_config(corpus, tiny, tmp_path,
     assert report["tokens"]["image_length"] == image_tokens(vision_config(str(tiny.clip))) == 576
     _, report = run(tmp_path, corpus.data_json, corpus.image_folder, *base, "--image-length", "729")
     assert report["tokens"]["image_length"] == 729
+
+
+def test_anyres_lengths_count_each_image_from_its_size_as_training_does(tiny, tiny_tokenizer, tmp_path, capsys):
+    """With an AnyRes config every image counts the tokens of its own grid: the report's lengths are the
+    training table's exact lengths (built with packing's up-front tokenization), record for record."""
+    import numpy as np
+
+    from vlmtune.config import load_config
+    from vlmtune.data.dataset import build_dataset
+    from vlmtune.model.anyres import image_layout
+    from vlmtune.model.vision import vision_config
+
+    data, images = tiny.task / "anyres.json", tiny.task
+    code, report = run(tmp_path, data, images, "--config", "tiny_llava_anyres_task_finetune_lora", "--workers", "1")
+    assert code == 0 and "AnyRes: each its own, at most 2928" in capsys.readouterr().out
+    cfg = load_config("tiny_llava_anyres_task_finetune_lora", {"lazy_tokenize": False})
+    image_length, anyres = image_layout(vision_config(str(tiny.clip)), None, cfg.model.image_grid_pinpoints)
+    dataset, _ = build_dataset(cfg.data, tiny_tokenizer, None, image_length, tmp_path / "cache", anyres)
+    lengths = np.asarray(dataset.table["length"])
+    tokens = report["tokens"]
+    assert tokens["image_length"] == image_length == 2928 and tokens["anyres_pinpoints"] == [list(p) for p in anyres.pinpoints]
+    assert tokens["length"] == {name: int(np.percentile(lengths, q))
+                                for name, q in (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+    assert len(set(lengths.tolist())) >= 4  # six aspect ratios: several grids
+    assert cli(["data", "check", str(data), "--image-folder", str(images), "--config", "tiny_llava_anyres_task_finetune_lora",
+                "--image-length", "576"]) == 2
+    assert "drop --image-length" in capsys.readouterr().err

@@ -12,7 +12,8 @@ PAD = 0
 def sample(name, ids, labels, images=()):
     """A dataset sample; each image is a [3, 4, 4] tensor filled with its own marker value."""
     pixels = torch.stack([torch.full((3, 4, 4), float(v)) for v in images]) if images else torch.zeros(0, 3, 4, 4)
-    return {"id": name, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+    return {"id": name, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+            "image_sizes": torch.tensor([[4, 4]] * len(images), dtype=torch.long).reshape(-1, 2)}
 
 
 def test_right_padding_mask_and_labels():

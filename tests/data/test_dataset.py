@@ -148,7 +148,7 @@ def test_cache_key_changes_with_the_source_of_any_rule_module(setup, monkeypatch
     cfg, tokenizer, _, _ = setup
     key = dataset_module.cache_key(cfg, tokenizer, 576)
     read = dataset_module.rule_source
-    assert len(dataset_module.RULE_MODULES) == 6 and b"\"\"\"" in read(module)  # the real source file
+    assert len(dataset_module.RULE_MODULES) == 8 and b"\"\"\"" in read(module)  # the real source file
     def edited(name: str) -> bytes:
         return read(name) + (b"# a comment\n" if name == module else b"")
 
@@ -253,3 +253,89 @@ def test_an_empty_jsonl_file_has_no_records_and_an_empty_json_file_says_so(setup
     (tmp_path / "empty.json").write_text(" \n")
     with pytest.raises(UserError, match=r"empty\.json: invalid JSON at line 2 column 1: the file is empty"):
         build(setup, data_path=str(tmp_path / "empty.json"), lazy_tokenize=lazy)
+
+
+# ---- AnyRes: every image's (height, width) read from its header at the build, its tokens counted exactly
+
+
+@pytest.fixture
+def anyres_setup(setup, tiny, tmp_path):
+    """(DataConfig over a copy of the example images, max positions per image, AnyRes, preprocessor)."""
+    import shutil
+
+    from vlmtune.model.anyres import DEFAULT_PINPOINTS, image_layout
+    from vlmtune.model.vision import vision_config
+
+    cfg, _, _, _ = setup
+    shutil.copytree(tiny.data / "images", tmp_path / "photos" / "images")
+    image_length, anyres = image_layout(vision_config(str(tiny.clip)), None, DEFAULT_PINPOINTS)
+    preprocess = ImagePreprocessor(load_image_processor(str(tiny.clip)), pad_to_square=False, pinpoints=anyres.pinpoints)
+    return dataclasses.replace(cfg, image_folder=str(tmp_path / "photos"), max_length=4096), image_length, anyres, preprocess
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_anyres_lengths_equal_the_positions_the_model_splices(setup, anyres_setup, tiny_model_config, lazy):
+    """The table's length of every sample is what LlavaModel.prepare_inputs really produces for it (the token
+    table exactly; the text table's estimate differs from the fixed-size build's by the image counts only)."""
+    from PIL import Image
+
+    from vlmtune.data.collate import collate
+    from vlmtune.data.table import row_sizes
+    from vlmtune.model.anyres import DEFAULT_PINPOINTS
+    from vlmtune.model.build import build_model
+
+    _, tok, _, cache = setup
+    cfg, image_length, anyres, preprocess = anyres_setup
+    cfg = dataclasses.replace(cfg, lazy_tokenize=lazy)
+    dataset, report = build_dataset(cfg, tok, preprocess, image_length, cache, anyres)
+    assert (report.dropped["image_missing"], report.dropped["image_path_escapes"]) == (1, 1)  # known at the build
+    model = build_model(tiny_model_config(image_grid_pinpoints=DEFAULT_PINPOINTS), for_training=False).eval()
+    fixed, _ = build_dataset(cfg, tok, None, 576, cache)  # no AnyRes: every image 576
+    fixed_lengths = {row["id"]: row["length"] for row in fixed.table}
+    counts = set()
+    for i in range(len(dataset)):
+        row, sample = dataset.table[i], dataset[i]
+        if sample["skipped"]:  # lazily, the 'long' record has nothing to train on: the next one stands in
+            assert lazy and row["id"] == "long"
+            continue
+        sizes = row_sizes(row["image_sizes"])
+        assert sizes == [tuple(hw) for hw in sample["image_sizes"].tolist()]
+        assert sizes == [Image.open(Path(cfg.image_folder) / p).size[::-1] for p in row["images"]]
+        image_tokens = [anyres.tokens(hw) for hw in sizes]
+        counts.update(image_tokens)
+        if lazy:  # estimates are capped at max_length ('trunc' is over it either way)
+            expected = min(cfg.max_length, fixed_lengths[row["id"]] + sum(image_tokens) - 576 * len(sizes))
+            assert row["length"] == expected
+            continue
+        batch = collate([sample], tok.pad_token_id)
+        with torch.no_grad():
+            spliced = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                           batch["pixel_values"], image_sizes=batch["image_sizes"])
+        assert row["length"] == spliced["inputs_embeds"].shape[1] == spliced["attention_mask"].sum()
+    assert len(counts) >= 3 and max(counts) < image_length  # several grids; none of these photos takes the most
+
+
+def test_anyres_image_replaced_after_the_build_is_caught_when_loaded(setup, anyres_setup):
+    from PIL import Image
+
+    _, tok, _, cache = setup
+    cfg, image_length, anyres, preprocess = anyres_setup
+    dataset, _ = build_dataset(cfg, tok, preprocess, image_length, cache, anyres)
+    index = list(dataset.table["id"]).index("img")
+    Image.new("RGB", (90, 300), (1, 2, 3)).save(Path(cfg.image_folder) / "images" / "chelsea.jpg")
+    sample = dataset[index]
+    assert sample["id"] != "img" and sample["skipped"][0]["kind"] == "image_changed"
+    assert "213x320 when the data cache was built" in sample["skipped"][0]["detail"]
+
+
+def test_anyres_cache_key_follows_the_tiling_and_the_image_folder(setup, anyres_setup):
+    from vlmtune.model.anyres import AnyRes
+
+    _, tok, _, _ = setup
+    cfg, image_length, anyres, _ = anyres_setup
+    key = dataset_module.cache_key(cfg, tok, image_length, anyres)
+    assert key != dataset_module.cache_key(cfg, tok, image_length)
+    other = AnyRes(anyres.pinpoints[:2], anyres.tile, anyres.side)
+    assert dataset_module.cache_key(cfg, tok, image_length, other) != key
+    assert dataset_module.cache_key(dataclasses.replace(cfg, image_folder="elsewhere"), tok, image_length, anyres) != key
+    assert dataset_module.cache_key(cfg, tok, image_length, anyres) == key

@@ -181,3 +181,47 @@ def test_allowed_roots_admit_paths_outside_the_folder(tmp_path):
     assert resolve_image_path(tmp_path / "images", str(shared / "x.jpg"), (str(shared),)) == shared / "x.jpg"
     with pytest.raises(RecordError):
         resolve_image_path(tmp_path / "images", str(tmp_path / "other" / "x.jpg"), (str(shared),))
+
+
+def test_image_size_reads_headers_as_pillow_does(tmp_path):
+    """`image_size` (imagesize for JPEG/PNG, Pillow otherwise) gives the size Pillow gives, the stored one
+    (EXIF orientation not applied, as load_image leaves it), on the bad corpus's odd files and more; a file
+    Pillow cannot open is the same RecordError as load_image's; a decompression bomb too."""
+    import io
+
+    from bad_corpus import photo, write_images
+
+    from vlmtune.data.image import image_size
+
+    folder = tmp_path / "images"
+    write_images(folder, tmp_path / "outside")
+    astronaut = photo("astronaut", 300).resize((300, 200))
+    astronaut.save(folder / "progressive.jpg", progressive=True, quality=80)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 (a phone photo); the stored size is 300x200
+    thumbnail = io.BytesIO()
+    astronaut.resize((160, 120)).save(thumbnail, format="JPEG")  # a frame header inside the EXIF segment
+    exif[0x0201], exif[0x0202] = 0, len(thumbnail.getvalue())
+    astronaut.save(folder / "rotated.jpg", exif=exif.tobytes() + thumbnail.getvalue())
+    astronaut.save(folder / "interlaced.png", interlace=1)
+    for fmt in ("webp", "bmp", "tiff"):
+        astronaut.save(folder / f"photo.{fmt}")
+    checked = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - what Pillow refuses, image_size must refuse alike
+            kinds = []
+            for read in (image_size, load_image):
+                with pytest.raises(RecordError) as e:
+                    read(path)
+                kinds.append(e.value.kind)
+            assert kinds[0] == kinds[1], path.name
+            continue
+        assert image_size(path) == (height, width), path.name
+        checked += 1
+    assert checked >= 14 and image_size(folder / "rotated.jpg") == (200, 300)
+    with pytest.raises(RecordError) as e:
+        image_size(folder / "bomb.png")
+    assert e.value.kind == "image_too_large"

@@ -57,3 +57,26 @@ def test_a_truncated_sample_shows_where_it_was_cut(tiny, tiny_tokenizer, tmp_pat
     assert cut.length < full.length and cut.trainable
     assert f"cut at {cut.length} of {full.length} (max_length {limit})" in out
     assert "\033[32m" in out and "cut here by max_length" in out and "[[" not in out
+
+
+def test_an_anyres_sample_shows_each_image_s_own_positions(tiny, tiny_tokenizer, tmp_path, capsys):
+    """tiny_llava_anyres_task_finetune_lora: each image slot shows the positions of its own grid (model/anyres.py
+    from the image's size), and the total is the table's exact length."""
+    from PIL import Image
+
+    from vlmtune.model.anyres import DEFAULT_PINPOINTS, image_layout
+    from vlmtune.model.vision import vision_config
+
+    _, anyres = image_layout(vision_config(str(tiny.clip)), None, DEFAULT_PINPOINTS)
+    records = json.loads((tiny.task / "anyres.json").read_text())
+    out = shown(capsys, "tiny_llava_anyres_task_finetune_lora", "--index", "0", "1", "--work-dir", str(tmp_path / "w"),
+                "--color", "never")
+    seen = []
+    for block, record in zip(out.split("sample ")[1:], records):
+        height, width = Image.open(tiny.task / record["image"]).size[::-1]
+        tokens = anyres.tokens((height, width))
+        ids = json.loads(re.search(r"input_ids \(\d+\): (\[.*\])", block).group(1))
+        assert f"<image x{tokens}>" in block and f"(images {tokens} + {len(ids) - 1} text)" in block
+        assert f"{len(ids) - 1 + tokens} positions" in block
+        seen.append(tokens)
+    assert len(seen) == 2 and seen[0] != seen[1]  # 224x112 and 112x224: the same 1x2 grid, unpadded differently

@@ -14,13 +14,16 @@ gets its own leading "▁"), so the units below are exactly where XTuner splits.
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlmtune.data.llava_json import normalize_record
 from vlmtune.data.templates import get_template
-from vlmtune.data.tokenize import tokenize_conversation, truncate
+from vlmtune.data.tokenize import tokenize_conversation, tokenize_conversations, truncate
+
+NO_LIMIT = sys.maxsize
 
 BOS, EOS, IMG = ("<s>", False), ("</s>", True), ("<image>", False)
 
@@ -305,3 +308,43 @@ def test_long_prompt_leaves_no_trainable_token(tiny_tokenizer):
     out = tokenize_conversation([("word " * 3000, "Short.")], tiny_tokenizer, get_template("vicuna"), 512, 576)
     assert out.truncated and len(out.input_ids) == 512 and out.length == 512
     assert not out.trainable
+
+
+# ---- AnyRes: each image counts its own positions (per-image lengths), truncation still keeps images whole
+
+
+def two_image_sample(tok):
+    turns = [("First: <image>\nSecond: <image>\nCompare them.", "The second is wider.")]
+    out = tokenize_conversation(turns, tok, get_template("internlm2_chat"), NO_LIMIT, 576)
+    slots = [i for i, t in enumerate(out.input_ids) if t == IMAGE_TOKEN_INDEX]
+    return out.input_ids, out.labels, slots
+
+
+@pytest.mark.parametrize("lengths", [[1464, 984], [984, 2928], [576, 576]])
+def test_each_image_counts_its_own_length(tiny_tokenizer, lengths):
+    ids, labels, (first, second) = two_image_sample(tiny_tokenizer)
+    full = len(ids) - 2 + sum(lengths)
+    turns = [("First: <image>\nSecond: <image>\nCompare them.", "The second is wider.")]
+    out = tokenize_conversation(turns, tiny_tokenizer, get_template("internlm2_chat"), NO_LIMIT, lengths)
+    assert out.input_ids == ids and out.length == full
+    assert truncate(ids, labels, full, lengths).input_ids == ids
+    # the second image spans expanded positions [second + lengths[0] - 1, ... + lengths[1]); stop one short of its end
+    end_of_second = second + lengths[0] - 1 + lengths[1]
+    cut = truncate(ids, labels, end_of_second - 1, lengths)
+    assert cut.input_ids == ids[:second] and (cut.num_images, cut.length) == (1, second - 1 + lengths[0])
+    kept = truncate(ids, labels, end_of_second, lengths)  # ends exactly at max_length: kept whole
+    assert kept.input_ids == ids[: second + 1] and kept.num_images == 2 and kept.length == end_of_second
+
+
+def test_a_batch_with_per_image_lengths_equals_one_by_one(tiny_tokenizer):
+    template = get_template("vicuna")
+    conversations = [([("<image>\nWhat is it?", "A cat.")], ""), ([("Hi.", "Hello.")], ""),
+                     ([("A: <image>\nB: <image>\nSame?", "No.")], "")]
+    lengths = [[1368], [], [1306, 984]]
+    batch = tokenize_conversations(conversations, tiny_tokenizer, template, 1400, lengths)
+    for i, ((turns, system), own) in enumerate(zip(conversations, lengths)):
+        one = tokenize_conversation(turns, tiny_tokenizer, template, 1400, own, system)
+        assert batch[i] == one
+    assert batch[2].num_images == 1 and batch[2].truncated  # 1306 + 984 > 1400: the second image is dropped whole
+    with pytest.raises(ValueError, match="image slots per conversation"):
+        tokenize_conversations(conversations, tiny_tokenizer, template, 1400, [[1368], [], [1306]])

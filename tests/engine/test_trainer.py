@@ -69,13 +69,24 @@ def test_micro_batch_stream_resumes_at_any_position_across_epochs(world, rank):
         assert _stream(world, rank, start, 3 * per_epoch - start, lengths) == full[start:]
 
 
-def test_count_tokens_counts_targets_and_expanded_image_tokens():
+def test_count_tokens_counts_targets_and_expanded_image_tokens(tiny_model_config):
+    from vlmtune.model.anyres import DEFAULT_PINPOINTS
+    from vlmtune.model.build import build_model
+
     IMG, IGN = IMAGE_TOKEN_INDEX, IGNORE_INDEX
     batch = {
-        "input_ids": torch.tensor([[1, IMG, 5, 6, 7, 0], [1, 8, 9, 0, 0, 0]]),
-        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]),
+        "input_ids": torch.tensor([[1, IMG, 5, 6, 7, 0], [1, 8, 9, IMG, IMG, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]),
         "labels": torch.tensor([[IGN, IGN, IGN, 6, 7, IGN], [IGN, 8, 9, IGN, IGN, IGN]]),
+        "image_sizes": torch.tensor([[213, 320], [320, 213], [30, 40]]),  # (height, width) of the 3 images
     }
-    targets, tokens = count_tokens(batch, image_length=576)
+    fixed = build_model(tiny_model_config(), for_training=False)
+    targets, tokens = count_tokens(batch, fixed.image_lengths)
     assert targets == 4  # labels 6, 7, 8, 9: each is predicted from the token before it
-    assert tokens == 5 + 3 + 575  # real tokens, the image id expanded to 576 positions
+    assert tokens == 10 - 3 + 3 * 576  # real tokens, each image id expanded to CLIP-L/336's 576 positions
+    anyres = build_model(tiny_model_config(image_grid_pinpoints=list(DEFAULT_PINPOINTS)), for_training=False)
+    # AnyRes: 576 base rows + the unpadded grid, a newline after each row. 213x320 fits the 336x672 pinpoint: a
+    # 24x48 map, of which 24x36 covers the image -> 24 * 37; 320x213 and 30x40 are upscaled whichever pinpoint,
+    # so the one wasting least, listed first, is the same: 24x16 and 24x32 of it -> 24 * 17 and 24 * 33
+    # (transformers' LlavaNextProcessor gives these counts: tests/model/test_anyres.py)
+    assert count_tokens(batch, anyres.image_lengths) == (4, 10 - 3 + (576 + 24 * 37) + (576 + 24 * 17) + (576 + 24 * 33))

@@ -39,12 +39,14 @@ def samples(tiny, tiny_tokenizer):
     out = []
     for i, (images, turns) in enumerate(CONVERSATIONS):
         tok = tokenize_conversation(turns, tiny_tokenizer, template, 4096, 576)
-        pixels = [preprocess(load_image(tiny.data / "images" / name)) for name in images]
+        loaded = [load_image(tiny.data / "images" / name) for name in images]
+        pixels = [preprocess(im) for im in loaded]
         labels = torch.tensor(tok.labels)
         if i == 3:
             labels[0] = tok.input_ids[0]
         out.append({"id": str(i), "input_ids": torch.tensor(tok.input_ids), "labels": labels,
-                    "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 336, 336)})
+                    "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 336, 336),
+                    "image_sizes": torch.tensor([(im.height, im.width) for im in loaded]).reshape(-1, 2)})
     return out
 
 

@@ -25,6 +25,7 @@ XTUNER_STATE_DICT: tuple[tuple[str, str], ...] = (
     ("visual_encoder.", "visual_encoder.vision_model."),
     ("llm.", "llm."),
     ("projector.", "projector."),
+    ("image_newline", "image_newline"),  # AnyRes (XTuner's AnyResLLaVAModel keeps it at the top level too)
 )
 
 # transformers' LlavaForConditionalGeneration as stored on disk by llava-hf's checkpoints and transformers 4:
@@ -47,6 +48,12 @@ HUGGINGFACE_LLAVA_MODULES: tuple[tuple[str, str], ...] = (
     ("projector.model.0.", "model.multi_modal_projector.linear_1."),
     ("projector.model.2.", "model.multi_modal_projector.linear_2."),
 )
+
+# transformers' LlavaNextForConditionalGeneration (AnyRes): Llava's names and the row separator, on disk as
+# llava-hf's llava-v1.6 checkpoints store it and in memory as transformers 5 builds it.
+HUGGINGFACE_LLAVA_NEXT: tuple[tuple[str, str], ...] = (*HUGGINGFACE_LLAVA, ("image_newline", "image_newline"))
+HUGGINGFACE_LLAVA_NEXT_MODULES: tuple[tuple[str, str], ...] = (
+    *HUGGINGFACE_LLAVA_MODULES, ("image_newline", "model.image_newline"))
 
 # haotian-liu/LLaVA's LlavaLlamaForCausalLM (one checkpoint: the LLM with the projector inside; the vision
 # tower is stored only when it was trained, with `unfreeze_mm_vision_tower=True` so LLaVA keeps these

@@ -27,6 +27,9 @@ def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) ->
     if not encoder_spec(model.visual_encoder.config).llava_official:
         raise UserError(f"--save-format official: haotian-liu/LLaVA builds a CLIP vision tower only, not "
                         f"{type(model.visual_encoder).__name__}; use --save-format huggingface or xtuner")
+    if model.anyres is not None:
+        raise UserError("--save-format official writes haotian-liu/LLaVA-1.5's layout, which has no AnyRes "
+                        "(image_grid_pinpoints); use --save-format huggingface (LlavaNext) or xtuner")
     clip_trained = trained_parts(cfg)["visual_encoder"] is not None
     projector_type, select_layer = model.projector.official_type, model.visual_select_layer
     select_feature = {"default": "patch", "full": "cls_patch"}[model.feature_strategy]  # LLaVA's names

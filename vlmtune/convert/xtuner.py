@@ -5,6 +5,7 @@
     SAVE_DIR/visual_encoder_adapter/ peft LoRA of the vision encoder            | encoder trained with LoRA
     SAVE_DIR/visual_encoder/         the whole encoder + its image processor    | encoder trained fully
     SAVE_DIR/projector/              XTuner's ProjectorModel (config + weights + its model code)
+    SAVE_DIR/projector/image_newline.safetensors   AnyRes' row separator           | image_grid_pinpoints set
 The encoder's weights and adapter carry transformers 4.x's names (XTuner reads them); `load` takes either
 naming, never imports projector/'s model code, and places every weight or names the first that does not fit.
 """
@@ -25,6 +26,8 @@ from vlmtune.model.peft import save_adapter
 from vlmtune.model.projector import Projector
 from vlmtune.model.vision import load_image_processor, load_vision_encoder
 from vlmtune.weights import read_weights_file, rename, save_llm, save_model_renamed
+
+NEWLINE_FILE = "image_newline.safetensors"  # in projector/, for an AnyRes model
 
 
 def save(model: LlavaModel, cfg: Config, save_dir: Path, max_shard_size: str) -> None:
@@ -54,6 +57,10 @@ def save_projector(model: LlavaModel, folder: Path) -> None:
     hf = ProjectorModel(config).to(model.projector.dtype)
     hf.load_state_dict(rename(prefixed(model.projector, "projector."), keymaps.XTUNER_PROJECTOR), strict=True)
     hf.save_pretrained(folder)  # _auto_class: the two model files are copied in, with an auto_map
+    if model.anyres is not None:  # a file of its own: the ProjectorModel XTuner loads from the folder is unchanged
+        from safetensors.torch import save_file
+
+        save_file({"image_newline": model.image_newline.detach().contiguous()}, str(folder / NEWLINE_FILE))
 
 
 def load(args, llava: Path, cfg: Config | None, dtype: torch.dtype, device: torch.device):
@@ -70,9 +77,12 @@ def load(args, llava: Path, cfg: Config | None, dtype: torch.dtype, device: torc
     clip = load_vision_encoder(clip_path, dtype)
     vision_adapter = llava / keymaps.VISUAL_ENCODER_ADAPTER_DIR
     projector = load_projector(llava / keymaps.PROJECTOR_DIR)
+    pinpoints = cfg.model.image_grid_pinpoints if cfg else None
     model = assemble(llm, clip, projector, select_layer(args, cfg), dtype, adapter,
                      vision_adapter if vision_adapter.is_dir() else None,
-                     cfg.model.vision_feature_select_strategy if cfg else None)
+                     cfg.model.vision_feature_select_strategy if cfg else None, pinpoints)
+    if pinpoints:
+        load_newline(model, llava / keymaps.PROJECTOR_DIR)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     return model, tokenizer, load_image_processor(clip_path)
 
@@ -119,6 +129,20 @@ def _visual_encoder_path(args, llava: Path, cfg: Config | None) -> str:
     if cfg is not None:
         return cfg.model.visual_encoder_name_or_path
     raise UserError("pass --visual-encoder (the CLIP the model was trained with)")
+
+
+def load_newline(model: LlavaModel, folder: Path) -> None:
+    """An AnyRes model's `image_newline` from projector/image_newline.safetensors (save_projector)."""
+    path = folder / NEWLINE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {NEWLINE_FILE}, which an AnyRes model (image_grid_pinpoints in its "
+                        f"vlmtune_config.py) needs; re-convert the checkpoint")
+    state = read_weights_file(folder, stems=("image_newline",))
+    if set(state) != {"image_newline"} or state["image_newline"].shape != model.image_newline.shape:
+        raise UserError(f"{path}: expected one tensor 'image_newline' of shape {list(model.image_newline.shape)}, "
+                        f"found {sorted(state)[:3]}; re-convert the checkpoint")
+    with torch.no_grad():
+        model.image_newline.copy_(state["image_newline"])
 
 
 def load_projector(folder: Path) -> Projector:

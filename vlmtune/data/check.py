@@ -84,6 +84,7 @@ class Settings:
     max_length: int = 2048
     image_length: int | None = None  # tokens per image, from the encoder's config (needed with a tokenizer)
     system: str = ""
+    anyres: object = None  # model/anyres.py AnyRes: each image counts the tokens of its own size
 
 
 @dataclass
@@ -114,29 +115,34 @@ def check_record(settings: Settings, record: Record) -> Verdict:
         verdict.id = None if not isinstance(raw, dict) or raw.get("id") is None else str(raw.get("id"))
         sample = normalize_record(raw, record.index)
         verdict.warnings += [(kind, detail, None) for kind, detail in sample.notes]
+        sizes = []
         for image in sample.images:
             path = resolve_image_path(settings.image_folder, image, settings.allowed_roots)
-            load_image(path)
+            loaded = load_image(path)
+            sizes.append((loaded.height, loaded.width))
             verdict.warnings += [(kind, detail, image) for kind, detail in image_warnings(path)]
         image = None
         if settings.tokenizer is not None:
-            _check_tokens(settings, sample, verdict)
+            _check_tokens(settings, sample, verdict, sizes)
     except RecordError as e:
         verdict.problem = (e.kind, e.detail, image)
     verdict.text = record.text if verdict.problem is None else None
     return verdict
 
 
-def _check_tokens(settings: Settings, sample, verdict: Verdict) -> None:
-    """Full length with images expanded; blocking when truncation to max_length leaves no label."""
+def _check_tokens(settings: Settings, sample, verdict: Verdict, sizes: list[tuple[int, int]]) -> None:
+    """Full length with images expanded (each `image_length`, or with AnyRes its own count from its (height,
+    width) in `sizes`); blocking when truncation to max_length leaves no label."""
     from vlmtune.data.tokenize import tokenize_conversation, truncate
 
+    lengths = settings.image_length if settings.anyres is None else [settings.anyres.tokens(hw) for hw in sizes]
     full = tokenize_conversation(sample.turns, settings.tokenizer, settings.template, sys.maxsize,
-                                 settings.image_length, sample.system or settings.system)
+                                 lengths, sample.system or settings.system)
     verdict.length = full.length
-    if not truncate(full.input_ids, full.labels, settings.max_length, settings.image_length).trainable:
+    if not truncate(full.input_ids, full.labels, settings.max_length, lengths).trainable:
+        each = f"each image = {settings.image_length} tokens" if settings.anyres is None else f"images = {lengths} tokens"
         raise RecordError("no_trainable_tokens", f"{full.length} tokens; nothing to train on within "
-                          f"max_length={settings.max_length} (each image = {settings.image_length} tokens)")
+                          f"max_length={settings.max_length} ({each})")
     if full.length > settings.max_length:
         verdict.warnings.append(("exceeds_max_length", f"{full.length} > {settings.max_length} tokens", None))
 
@@ -289,6 +295,7 @@ def _report(settings: Settings, tally: Tally, fatal, seconds: float, clean_path:
         report["tokens"] = {
             "tokenizer": settings.tokenizer.name_or_path, "prompt_template": settings.template.name,
             "max_length": settings.max_length, "image_length": settings.image_length,
+            "anyres_pinpoints": [list(p) for p in settings.anyres.pinpoints] if settings.anyres else None,
             "tokenized": int(lengths.size), "exceed_max_length": exceed + blocking.get("no_trainable_tokens", {}).get("count", 0),
             "no_trainable_tokens": blocking.get("no_trainable_tokens", {}).get("count", 0),
             "length": {name: int(np.percentile(lengths, q)) if lengths.size else 0
@@ -314,7 +321,9 @@ def print_summary(report: dict, report_path: Path) -> None:
     if tokens is None:
         print("  token lengths not checked: pass --config, or --tokenizer and --prompt-template")
     else:
-        print(f"  tokens (images = {tokens['image_length']} each): p50 {tokens['length']['p50']}, p99 "
+        each = f"{tokens['image_length']} each" if tokens["anyres_pinpoints"] is None else \
+            f"AnyRes: each its own, at most {tokens['image_length']}"
+        print(f"  tokens (images = {each}): p50 {tokens['length']['p50']}, p99 "
               f"{tokens['length']['p99']}, max {tokens['length']['max']}; {tokens['exceed_max_length']} over "
               f"max_length={tokens['max_length']}, {tokens['no_trainable_tokens']} with nothing to train on")
     if report["clean_output"]:
@@ -326,7 +335,7 @@ def settings_from_args(args) -> Settings:
     """Settings from the CLI flags; --config supplies tokenizer, template, max_length, system, allowed roots."""
     settings = Settings(data_path=args.data_path, image_folder=args.image_folder, image_length=args.image_length)
     tokenizer_path, template, trust_remote_code = args.tokenizer, args.prompt_template, False
-    encoder = args.visual_encoder
+    encoder, strategy, pinpoints = args.visual_encoder, None, None
     if args.config:
         from vlmtune.config import load_config
 
@@ -337,20 +346,25 @@ def settings_from_args(args) -> Settings:
         settings.max_length, settings.system = cfg.data.max_length, cfg.data.system
         settings.allowed_roots = tuple(cfg.data.allowed_image_roots)
         trust_remote_code = cfg.model.trust_remote_code
+        strategy, pinpoints = cfg.model.vision_feature_select_strategy, cfg.model.image_grid_pinpoints
     if args.max_length is not None:
         settings.max_length = args.max_length
     if bool(tokenizer_path) != bool(template):
         raise UserError("token lengths need both --tokenizer and --prompt-template (or --config)")
     if tokenizer_path:
         from vlmtune.data.templates import get_template
+        from vlmtune.model.anyres import image_layout
         from vlmtune.model.build import load_tokenizer
-        from vlmtune.model.vision import image_tokens, vision_config
+        from vlmtune.model.vision import vision_config
 
         if settings.image_length is None and encoder is None:
             raise UserError("token lengths count each image as the tokens it becomes: pass --config, --visual-encoder "
                             "(its config.json is read, no weights) or --image-length")
+        if pinpoints and settings.image_length is not None:
+            raise UserError(f"{args.config} tiles images with AnyRes (image_grid_pinpoints): each image counts the "
+                            "tokens of its own size; drop --image-length")
         if settings.image_length is None:
-            settings.image_length = image_tokens(vision_config(encoder))
+            settings.image_length, settings.anyres = image_layout(vision_config(encoder), strategy, pinpoints)
         settings.template = get_template(template)
         settings.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     return settings

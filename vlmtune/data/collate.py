@@ -11,7 +11,8 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
 
     input_ids/labels/attention_mask: [B, T] right-padded (pad id / IGNORE_INDEX / 0).
     pixel_values: [N, 3, H, W] with N = images in the whole batch, sample 0's first (the order the model's
-    splice consumes them), or None for a text-only batch. Any number of images per sample is fine.
+    splice consumes them), or None for a text-only batch. Any number of images per sample is fine. With AnyRes
+    each image is several rows of pixel_values (its tiles). image_sizes: [N, 2] the images' (height, width).
     """
     T = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
@@ -29,6 +30,7 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": torch.cat(images) if images else None,
+        "image_sizes": torch.cat([s["image_sizes"] for s in samples]),
         "ids": [s["id"] for s in samples],
         "skipped": [k for s in samples for k in s.get("skipped", [])],
     }
@@ -40,7 +42,7 @@ def collate_packed(samples: list[dict], pad_token_id: int) -> dict:
     input_ids/labels/attention_mask/segment_ids: [1, T], T = the samples' lengths summed (no padding);
     segment_ids numbers the samples 0, 1, ...; the first label of every sample is IGNORE_INDEX, so no sample
     starts with a target predicted from the sample before it (unpacked, position 0 is never a target either).
-    pixel_values as in `collate`. The model keeps attention within each sample (see model/llava.py).
+    pixel_values and image_sizes as in `collate`. The model keeps attention within each sample (see model/llava.py).
     `pad_token_id` is unused (nothing is padded); the signature is `collate`'s, so either fits the loader.
     """
     labels = []
@@ -56,6 +58,7 @@ def collate_packed(samples: list[dict], pad_token_id: int) -> dict:
         "attention_mask": torch.ones_like(input_ids),
         "segment_ids": torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(samples)])[None],
         "pixel_values": torch.cat(images) if images else None,
+        "image_sizes": torch.cat([s["image_sizes"] for s in samples]),
         "ids": [s["id"] for s in samples],
         "skipped": [k for s in samples for k in s.get("skipped", [])],
     }

@@ -34,18 +34,20 @@ import torch
 from vlmtune.config import DataConfig
 from vlmtune.data.image import ImagePreprocessor, load_image, resolve_image_path
 from vlmtune.data.llava_json import RecordError
-from vlmtune.data.table import DataReport, Settings, write_table
+from vlmtune.data.table import DataReport, Settings, row_sizes, write_table
 from vlmtune.data.templates import get_template
 from vlmtune.data.tokenize import Tokenized, tokenize_conversation
 from vlmtune.errors import UserError
+from vlmtune.model.anyres import AnyRes
 
 # The modules whose source decides a table's rows, hashed into every cache key instead of a version number
 # someone must remember to bump: record boundaries and lines (reader), normalisation (llava_json), templates
 # and the masking rule (templates, tokenize), the stored columns (table), the ids stored for images and
-# ignored labels (constants). Any edit to one of them rebuilds every cache, a comment-only edit too: the
+# ignored labels (constants), and with AnyRes image sizes (image: header reading, path resolution) and their
+# token counts (model.anyres). Any edit to one of them rebuilds every cache, a comment-only edit too: the
 # price of never reusing a stale cache.
-RULE_MODULES = ("vlmtune.constants", "vlmtune.data.llava_json", "vlmtune.data.reader", "vlmtune.data.table",
-                "vlmtune.data.templates", "vlmtune.data.tokenize")
+RULE_MODULES = ("vlmtune.constants", "vlmtune.data.image", "vlmtune.data.llava_json", "vlmtune.data.reader",
+                "vlmtune.data.table", "vlmtune.data.templates", "vlmtune.data.tokenize", "vlmtune.model.anyres")
 
 
 def tokenizes_lazily(cfg: DataConfig) -> bool:
@@ -66,9 +68,11 @@ def rules_digest() -> str:
     return digest.hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
+def cache_key(cfg: DataConfig, tokenizer, image_length: int, anyres: AnyRes | None = None) -> str:
     """Hash of every input that changes the table: the data file, the tokenizer's definition, every field of
-    the template, the settings, the table kind and the source of the rules (`rules_digest`)."""
+    the template, the settings, the table kind and the source of the rules (`rules_digest`); with AnyRes also
+    the tiling and where the images are (their sizes are read into the table: an image replaced by one of
+    another size at the same path is caught when the sample is loaded, `LlavaDataset.load`)."""
     path = Path(cfg.data_path).resolve()
     if not path.is_file():  # the key is computed before anything reads the file: say it here, in one line
         raise UserError(f"{cfg.data_path}: data file not found; check `data_path` in the config")
@@ -79,6 +83,8 @@ def cache_key(cfg: DataConfig, tokenizer, image_length: int) -> str:
         rules_digest(), str(path), stat.st_size, stat.st_mtime_ns, tok_id, asdict(get_template(cfg.prompt_template)),
         cfg.max_length, image_length, cfg.system, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizes_lazily(cfg),
     ]
+    if anyres is not None:
+        parts += [asdict(anyres), os.path.abspath(cfg.image_folder), [os.path.abspath(r) for r in cfg.allowed_image_roots]]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -87,32 +93,34 @@ def cache_dir(cfg: DataConfig, work_dir: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else work_dir.parent / ".cache" / "vlmtune"
 
 
-def build_table(cfg: DataConfig, tokenizer, image_length: int, cache_dir: str | Path):
-    """Memory-mapped Arrow table for `cfg` (built once, under a lock) and its DataReport."""
+def build_table(cfg: DataConfig, tokenizer, image_length: int, cache_dir: str | Path, anyres: AnyRes | None = None):
+    """Memory-mapped Arrow table for `cfg` (built once, under a lock) and its DataReport; `image_length`:
+    positions per image, with `anyres` the most (each image then counts its own, data/table.py)."""
     import datasets
     from filelock import FileLock
 
-    cache = Path(cache_dir) / f"{Path(cfg.data_path).stem}-{cache_key(cfg, tokenizer, image_length)}"
+    cache = Path(cache_dir) / f"{Path(cfg.data_path).stem}-{cache_key(cfg, tokenizer, image_length, anyres)}"
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock", timeout=-1):  # other ranks wait here, without a timeout
         if not (cache / "report.json").is_file():
-            _write_cache(cfg, tokenizer, image_length, cache)
+            _write_cache(table_settings(cfg, image_length, anyres), tokenizer, tokenizes_lazily(cfg), cache)
     report = DataReport(**json.loads((cache / "report.json").read_text()))
     return datasets.Dataset.from_file(str(cache / "table.arrow")), report
 
 
-def _write_cache(cfg: DataConfig, tokenizer, image_length: int, cache: Path) -> None:
+def _write_cache(settings: Settings, tokenizer, lazy: bool, cache: Path) -> None:
     """table.arrow, then report.json: written last, it marks the cache complete."""
     cache.mkdir(exist_ok=True)
-    report = write_table(table_settings(cfg, image_length), tokenizer, cache / "table.arrow.tmp", tokenizes_lazily(cfg))
+    report = write_table(settings, tokenizer, cache / "table.arrow.tmp", lazy)
     os.replace(cache / "table.arrow.tmp", cache / "table.arrow")
     (cache / "report.json.tmp").write_text(json.dumps(asdict(report), indent=1))
     os.replace(cache / "report.json.tmp", cache / "report.json")
 
 
-def table_settings(cfg: DataConfig, image_length: int) -> Settings:
+def table_settings(cfg: DataConfig, image_length: int, anyres: AnyRes | None = None) -> Settings:
     """What besides the tokenizer decides a record's tokens."""
-    return Settings(cfg.data_path, get_template(cfg.prompt_template), cfg.max_length, image_length, cfg.system)
+    return Settings(cfg.data_path, get_template(cfg.prompt_template), cfg.max_length, image_length, cfg.system,
+                    anyres=anyres, image_folder=cfg.image_folder, allowed_roots=tuple(cfg.allowed_image_roots))
 
 
 @dataclass
@@ -126,7 +134,8 @@ class RowTokenizer:
         """The row's Tokenized, or RecordError when truncation leaves nothing to train on."""
         s = self.settings
         turns = list(zip(row["users"], row["answers"]))
-        tok = tokenize_conversation(turns, self.tokenizer, s.template, s.max_length, s.image_length, row["system"])
+        lengths = s.image_length if s.anyres is None else s.image_lengths(row_sizes(row["image_sizes"]))
+        tok = tokenize_conversation(turns, self.tokenizer, s.template, s.max_length, lengths, row["system"])
         if not tok.trainable:
             raise RecordError("no_trainable_tokens", f"nothing left to train on within max_length={s.max_length}")
         return tok
@@ -160,13 +169,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         else:
             tok = self.row_tokenizer(row)  # a truncation that dropped an image slot drops its file too
             input_ids, labels, images = np.array(tok.input_ids), np.array(tok.labels), row["images"][: tok.num_images]
-        pixels = [self.preprocess(load_image(resolve_image_path(self.image_folder, p, self.allowed_roots))) for p in images]
+        loaded = [load_image(resolve_image_path(self.image_folder, p, self.allowed_roots)) for p in images]
+        for path, image, size in zip(images, loaded, row_sizes(row["image_sizes"])):  # sizes: AnyRes tables only
+            if (image.height, image.width) != size:  # its token count in the table would be wrong
+                raise RecordError("image_changed", f"{path} is {image.height}x{image.width} but was {size[0]}x{size[1]} "
+                                  f"when the data cache was built; delete the cache folder to rebuild it")
         h, w = self.preprocess.crop_size
         return {
             "id": row["id"],
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, h, w),
+            # [T, 3, H, W]: one tensor per image, several tiles each with AnyRes; [n, 2] (height, width) per image
+            "pixel_values": torch.cat([self.preprocess.tiles(im) for im in loaded]) if loaded else torch.zeros(0, 3, h, w),
+            "image_sizes": torch.tensor([(im.height, im.width) for im in loaded], dtype=torch.long).reshape(-1, 2),
         }
 
     def __getitem__(self, index: int) -> dict:
@@ -184,8 +199,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         raise RuntimeError("no sample in the dataset has a loadable image")
 
 
-def build_dataset(cfg: DataConfig, tokenizer, preprocess: ImagePreprocessor, image_length: int, cache_dir: str | Path):
-    """(LlavaDataset, DataReport) for the config's data."""
-    table, report = build_table(cfg, tokenizer, image_length, cache_dir)
-    row_tokenizer = RowTokenizer(tokenizer, table_settings(cfg, image_length)) if report.lazy else None
+def build_dataset(cfg: DataConfig, tokenizer, preprocess: ImagePreprocessor, image_length: int, cache_dir: str | Path,
+                  anyres: AnyRes | None = None):
+    """(LlavaDataset, DataReport) for the config's data; `image_length` and `anyres`: as `build_table`."""
+    table, report = build_table(cfg, tokenizer, image_length, cache_dir, anyres)
+    row_tokenizer = RowTokenizer(tokenizer, table_settings(cfg, image_length, anyres)) if report.lazy else None
     return LlavaDataset(table, cfg.image_folder, preprocess, tuple(cfg.allowed_image_roots), row_tokenizer), report

@@ -14,12 +14,18 @@ The CLIP transform runs one of two ways (`image_preprocess` in the config):
   the normalised pixels to bf16 changes them.
 ImagePreprocessor defaults to "hf" (a model from elsewhere is fed exactly what its processor gives); training
 passes the config's `image_preprocess`, and checkpoints carry it to chat and MMBench.
+
+With AnyRes (`image_grid_pinpoints`, model/anyres.py) an image becomes tiles: transformers'
+LlavaNextImageProcessorPil, set up from the encoder's processor settings (PROCESSOR_KEYS) and the pinpoints,
+does it ("hf" only; it pads with zeros, not the mean colour, as transformers does).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+import imagesize
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,11 @@ from PIL import Image
 from vlmtune.data.llava_json import RecordError
 
 PREPROCESS_METHODS = ("hf", "fast")
-FAST_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample code -> F.interpolate mode (antialiased)
+# An encoder's image processor settings that carry over to the Llava / LlavaNext image processors built from it
+PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                  "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+FAST_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+HEADER_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: sizes read by `imagesize`  # PIL resample code -> F.interpolate mode (antialiased)
 
 
 def resolve_image_path(image_folder: str | Path, relative: str, allowed_roots: tuple[str, ...] = ()) -> Path:
@@ -63,23 +73,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open, fully decode and convert to RGB; a file that cannot be used raises RecordError
-    (image_missing, image_empty, image_too_large: Pillow's decompression-bomb guard, image_undecodable)."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
+    """RecordError image_missing / image_empty for a path that is not a non-empty file."""
     if not path.is_file():
         what = "is a folder, not an image file" if path.is_dir() else "does not exist"
         raise RecordError("image_missing", f"{path} {what}")
     if path.stat().st_size == 0:
         raise RecordError("image_empty", f"{path} is an empty file")
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """The image file opened by Pillow; a file that cannot be used (here or in the caller's block) raises
+    RecordError: image_missing, image_empty, image_too_large (Pillow's decompression-bomb guard),
+    image_undecodable."""
+    _check_file(path)
     try:
         with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+            yield image
     except Image.DecompressionBombError as e:
         raise RecordError("image_too_large", f"{path}: {e}") from None
-    except Exception as e:  # decoders of broken files raise OSError, SyntaxError, EOFError, struct.error, ...
+    except Exception as e:  # noqa: BLE001 - broken files raise OSError, SyntaxError, EOFError, struct.error, ...
         raise RecordError("image_undecodable", f"{path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and convert to RGB; a file that cannot be used raises RecordError (`_opened`)."""
+    with _opened(Path(path)) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image from its header alone, nothing decoded; RecordError as `load_image` for a
+    file that is missing, empty or not an image. The size is the stored one, EXIF orientation not applied, as
+    `load_image` (and LLaVA, transformers) leave it.
+
+    JPEG and PNG headers (nearly every training image) are read by `imagesize`, which parses only the markers
+    up to the frame header: about half of what `Image.open` costs per file, which matters 665K times at an
+    AnyRes table build (docs/benchmarks.md; tests/data/test_image.py checks it against Pillow on odd files).
+    Anything else, or a size it cannot read or that Pillow's decompression-bomb guard would refuse, goes
+    through Pillow."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, "rb") as f:
+        if f.read(8).startswith(HEADER_SIGNATURES):
+            f.seek(0)
+            width, height = imagesize.get(f, exif_rotation=False)
+            limit = Image.MAX_IMAGE_PIXELS
+            if width > 0 and height > 0 and (limit is None or width * height <= 2 * limit):
+                return height, width
+    with _opened(path) as image:
+        width, height = image.size
+    return height, width
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -93,28 +139,58 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
     return canvas
 
 
+def processor_settings(image_processor) -> dict:
+    """The PROCESSOR_KEYS settings of an image processor; one without a centre crop (SigLIP's: it resizes
+    straight to its size) says so, since Llava's processors crop by default."""
+    values = image_processor.to_dict()
+    settings = {k: values[k] for k in PROCESSOR_KEYS if k in values}
+    settings.setdefault("do_center_crop", False)
+    return settings
+
+
+def anyres_processor(image_processor, pinpoints):
+    """transformers' LlavaNextImageProcessorPil with `image_processor`'s settings and these grid pinpoints."""
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(**processor_settings(image_processor),
+                                      image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=True)
+
+
 class ImagePreprocessor:
-    """PIL RGB image -> pixel tensor [3, H, W] exactly as the model sees it in training and inference.
+    """PIL RGB image -> pixel tensor [3, H, W] exactly as the model sees it in training and inference; with
+    AnyRes `pinpoints`, `tiles` gives the image's tiles [T, 3, H, W] (model/anyres.py).
 
     `method` is "hf" (the processor itself) or "fast" (FastClipTransform: the same steps in torch on uint8).
     """
 
-    def __init__(self, image_processor, pad_to_square: bool, method: str = "hf"):
+    def __init__(self, image_processor, pad_to_square: bool, method: str = "hf", pinpoints=None):
         if method not in PREPROCESS_METHODS:
             raise ValueError(f"image_preprocess {method!r} is not one of {', '.join(PREPROCESS_METHODS)}")
+        if pinpoints and (method != "hf" or pad_to_square):
+            raise ValueError("AnyRes (image_grid_pinpoints) tiles the image itself: it needs image_preprocess='hf' "
+                             "and pad_image_to_square=False")
         self.image_processor = image_processor
         self.pad_to_square = pad_to_square
         self.method = method
         # LLaVA pads with the processor's mean colour, so padding normalises to ~0.
         self.background = tuple(int(x * 255) for x in image_processor.image_mean)
         self.fast = FastClipTransform(image_processor) if method == "fast" else None
+        self.anyres = anyres_processor(image_processor, pinpoints) if pinpoints else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.anyres is not None:
+            raise ValueError("an AnyRes image is several tiles: use ImagePreprocessor.tiles")
         if self.pad_to_square:
             image = expand2square(image, self.background)
         if self.fast is not None:
             return self.fast(image)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def tiles(self, image: Image.Image) -> torch.Tensor:
+        """The encoder inputs of one image: [1, 3, H, W], or with AnyRes its base tile and grid [T, 3, H, W]."""
+        if self.anyres is None:
+            return self(image)[None]
+        return self.anyres(images=image, return_tensors="pt")["pixel_values"][0]
 
     @property
     def crop_size(self) -> tuple[int, int]:

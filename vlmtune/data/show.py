@@ -24,31 +24,35 @@ def main(args) -> int:
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
     work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name)
-    dataset, tokenizer, image_length = _training_dataset(cfg, work_dir)
+    dataset, tokenizer, settings = _training_dataset(cfg, work_dir)
     marks = COLOURS if _colour(args.color) else PLAIN
     for index in args.index or [0]:
         if not -len(dataset) <= index < len(dataset):
             raise UserError(f"--index {index}: the dataset has {len(dataset)} samples (0 to {len(dataset) - 1})")
-        print(render_sample(dataset, index % len(dataset), tokenizer, image_length, cfg.data.max_length, marks))
+        print(render_sample(dataset, index % len(dataset), tokenizer, settings, marks))
     return 0
 
 
 def _training_dataset(cfg, work_dir: Path):
-    """(dataset, tokenizer, image length) built as `vlmtune.train` builds them, without the model weights."""
-    from vlmtune.data.dataset import build_dataset, cache_dir
+    """(dataset, tokenizer, table Settings: image lengths, max_length) built as `vlmtune.train` builds them,
+    without the model weights."""
+    from vlmtune.data.dataset import build_dataset, cache_dir, table_settings
     from vlmtune.data.image import ImagePreprocessor
     from vlmtune.model.build import load_tokenizer
-    from vlmtune.model.vision import image_tokens, load_image_processor, vision_config
+    from vlmtune.model.anyres import image_layout
+    from vlmtune.model.vision import load_image_processor, vision_config
     from vlmtune.paths import require_model_folder
 
     require_model_folder(cfg.model.visual_encoder_name_or_path, "visual_encoder_name_or_path")
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
-    image_length = image_tokens(vision_config(cfg.model.visual_encoder_name_or_path))
-    preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
-                                   cfg.data.image_preprocess)
-    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir))
+    encoder = cfg.model.visual_encoder_name_or_path
+    image_length, anyres = image_layout(vision_config(encoder), cfg.model.vision_feature_select_strategy,
+                                        cfg.model.image_grid_pinpoints)
+    preprocess = ImagePreprocessor(load_image_processor(encoder), cfg.data.pad_image_to_square, cfg.data.image_preprocess,
+                                   cfg.model.image_grid_pinpoints)
+    dataset, report = build_dataset(cfg.data, tokenizer, preprocess, image_length, cache_dir(cfg.data, work_dir), anyres)
     print(f"{cfg.data.data_path}: {report.summary()}", file=sys.stderr)
-    return dataset, tokenizer, image_length
+    return dataset, tokenizer, table_settings(cfg.data, image_length, anyres)
 
 
 def _colour(choice: str) -> bool:
@@ -57,23 +61,26 @@ def _colour(choice: str) -> bool:
     return choice == "always"
 
 
-def render_sample(dataset, index: int, tokenizer, image_length: int, max_length: int, marks=PLAIN) -> str:
-    """The report for one dataset index: header, marked text, ids, labels."""
+def render_sample(dataset, index: int, tokenizer, settings, marks=PLAIN) -> str:
+    """The report for one dataset index: header, marked text, ids, labels; `settings`: the table's
+    (data/table.py Settings: positions per image, max_length)."""
     sample = dataset.load(index)  # the training sample; RecordError (a missing image) propagates as is
     ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
     row = dataset.table[index]
     full = _full_length(dataset, row)
-    n_images = ids.count(IMAGE_TOKEN_INDEX)
-    length = len(ids) + n_images * (image_length - 1)
+    n_images, max_length = ids.count(IMAGE_TOKEN_INDEX), settings.max_length
+    image_lengths = settings.image_lengths([tuple(hw) for hw in sample["image_sizes"].tolist()])
+    length = len(ids) - n_images + sum(image_lengths)
     trained = sum(label != IGNORE_INDEX for label in labels)
     images = ", ".join(row["images"]) or "none"
     cut = f"cut at {length} of {full} (max_length {max_length})" if full is not None and full > length else \
         f"not truncated (max_length {max_length})"
+    counts = f"{n_images} image x {settings.image_length}" if settings.anyres is None else \
+        f"images {' + '.join(map(str, image_lengths)) or 0}"  # AnyRes: each image's own count
     lines = [f"sample {index} of {len(dataset)}: id {row['id']!r}, images: {images}",
-             f"  {length} positions ({n_images} image x {image_length} + {len(ids) - n_images} text), "
-             f"{trained} trained; {cut}",
+             f"  {length} positions ({counts} + {len(ids) - n_images} text), {trained} trained; {cut}",
              "  text (trained spans marked):" if marks is PLAIN else "  text (trained spans in green):",
-             _marked_text(ids, labels, tokenizer, image_length, marks, full is not None and full > length),
+             _marked_text(ids, labels, tokenizer, image_lengths, marks, full is not None and full > length),
              f"  input_ids ({len(ids)}): {ids}",
              f"  labels    ({len(labels)}): {labels}"]
     return "\n".join(lines)
@@ -86,15 +93,18 @@ def _full_length(dataset, row) -> int | None:
         return None
     from vlmtune.data.tokenize import tokenize_conversation
 
+    from vlmtune.data.table import row_sizes
+
     s = dataset.row_tokenizer.settings
     turns = list(zip(row["users"], row["answers"]))
-    return tokenize_conversation(turns, dataset.row_tokenizer.tokenizer, s.template, sys.maxsize, s.image_length,
+    lengths = s.image_length if s.anyres is None else s.image_lengths(row_sizes(row["image_sizes"]))
+    return tokenize_conversation(turns, dataset.row_tokenizer.tokenizer, s.template, sys.maxsize, lengths,
                                  row["system"]).length
 
 
-def _marked_text(ids: list[int], labels: list[int], tokenizer, image_length: int, marks, truncated: bool) -> str:
-    """Decoded runs of ids: image slots as `<image x P>`, trained runs wrapped in the `trained` marks."""
-    out, run, run_trained = [], [], False
+def _marked_text(ids: list[int], labels: list[int], tokenizer, image_lengths: list[int], marks, truncated: bool) -> str:
+    """Decoded runs of ids: image slot i as `<image x P_i>`, trained runs wrapped in the `trained` marks."""
+    out, run, run_trained, lengths = [], [], False, iter(image_lengths)
 
     def flush():
         if run:
@@ -107,7 +117,7 @@ def _marked_text(ids: list[int], labels: list[int], tokenizer, image_length: int
             flush()
             run = []
             start, end = marks["image"]
-            out.append(f"{start}<image x{image_length}>{end}")
+            out.append(f"{start}<image x{next(lengths)}>{end}")
             continue
         trained = label != IGNORE_INDEX
         if trained != run_trained:

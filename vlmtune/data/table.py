@@ -16,6 +16,12 @@ Two kinds of table:
   by least squares on the file's first records, exactly tokenized (`fit_length_model`). On the 665K mix with
   a 32k Llama tokenizer it is off by 7.0 tokens per record on average, 0.8% of the tokens
   (scripts/bench/bench_batching.py).
+
+How many positions an image takes: `image_length` for every image, or with AnyRes (`anyres`) a count that
+follows the image's size. Then the workers read each image's (height, width) from its header (no decode),
+store it in the table's `image_sizes` ([h0, w0, h1, w1, ...] per row) and count each image at its own
+`AnyRes.tokens`: lengths, grouping, packing and `max_length` truncation are exact before any pixel is
+decoded. A record whose image header cannot be read is dropped at the build, reported by kind like the others.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlmtune.constants import IMAGE_TOKEN_INDEX
+from vlmtune.data.image import image_size, resolve_image_path
 from vlmtune.data.llava_json import RecordError, Sample, normalize_record
 from vlmtune.data.reader import (
     Chunk,
@@ -45,15 +52,18 @@ from vlmtune.data.tokenize import (
     tokenize_conversations,
 )
 from vlmtune.data.workers import map_chunks
+from vlmtune.model.anyres import AnyRes
 
 MAX_EXAMPLES = 5
 COLUMNS = pa.schema([
     ("id", pa.string()), ("images", pa.list_(pa.string())), ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("n_images", pa.int32()),
+    ("image_sizes", pa.list_(pa.int32())),
 ])
 TEXT_COLUMNS = pa.schema([
     ("id", pa.string()), ("images", pa.list_(pa.string())), ("users", pa.list_(pa.string())),
     ("answers", pa.list_(pa.string())), ("system", pa.string()), ("length", pa.int32()), ("n_images", pa.int32()),
+    ("image_sizes", pa.list_(pa.int32())),
 ])
 CALIBRATION_RECORDS = 1000  # records of the file's first chunk tokenized to fit the length model
 DIGITS, PUNCTUATION = string.digits.encode(), string.punctuation.encode()
@@ -99,9 +109,19 @@ class Settings:
     data_path: str
     template: Template
     max_length: int
-    image_length: int
+    image_length: int  # positions of every image; with `anyres` the most one can take
     system: str
     length_model: tuple[float, ...] | None = None  # set: a text table (lazy tokenization), lengths estimated by it
+    anyres: AnyRes | None = None  # set: each image counts AnyRes.tokens(its size), read from its header
+    image_folder: str = ""  # where the images are (read only with `anyres`)
+    allowed_roots: tuple[str, ...] = ()
+
+    def image_lengths(self, sizes) -> list[int]:
+        """Positions of images of (height, width) `sizes`: `anyres.tokens` of each, else `image_length` (then
+        only their number counts)."""
+        if self.anyres is None:
+            return [self.image_length] * len(sizes)
+        return [self.anyres.tokens(size) for size in sizes]
 
 
 def write_table(settings: Settings, tokenizer, path: Path, lazy: bool = False) -> DataReport:
@@ -131,21 +151,41 @@ def chunk_rows(context: tuple, records: list[Record]) -> tuple[DataReport, pa.Re
     return text_chunk(records, tokenizer, settings)
 
 
-def normalize_chunk(records: list[Record], settings: Settings) -> tuple[DataReport, list[Sample], list[Record]]:
-    """Normalise a chunk's records: (report of the bad ones, samples, the records they come from)."""
+def normalize_chunk(records: list[Record], settings: Settings) -> tuple[DataReport, list[Sample], list[Record], list]:
+    """Normalise a chunk's records: (report of the bad ones, samples, the records they come from, each
+    sample's image sizes: [(height, width)] read from the headers with `settings.anyres`, else [])."""
     report = DataReport(total=len(records))
-    samples, kept = [], []
+    samples, kept, sizes = [], [], []
     for record in records:
         raw = record.value
         if isinstance(raw, JSONSyntaxError):  # a JSONL line that does not parse: `data check`'s json_syntax
             report.add("json_syntax", record, None, raw.detail)
             continue
         try:
-            samples.append(normalize_record(raw, record.index))
+            sample = normalize_record(raw, record.index)
+            sizes.append(header_sizes(sample.images, settings) if settings.anyres is not None else [])
+            samples.append(sample)
             kept.append(record)
         except RecordError as e:
             report.add(e.kind, record, raw.get("id") if isinstance(raw, dict) else None, e.detail)
-    return report, samples, kept
+    return report, samples, kept, sizes
+
+
+def header_sizes(images: list[str], settings: Settings) -> list[tuple[int, int]]:
+    """(height, width) of each image, from its header; RecordError for one that cannot be read."""
+    return [image_size(resolve_image_path(settings.image_folder, p, settings.allowed_roots)) for p in images]
+
+
+def sizes_column(sizes: list) -> pa.Array:
+    """Each row's image sizes, flattened [h0, w0, h1, w1, ...] (the `image_sizes` column)."""
+    offsets = np.concatenate([[0], np.cumsum([2 * len(x) for x in sizes])]).astype(np.int32)
+    return pa.ListArray.from_arrays(offsets, pa.array([v for x in sizes for hw in x for v in hw], pa.int32()))
+
+
+def row_sizes(flat) -> list[tuple[int, int]]:
+    """A row's `image_sizes` column back as [(height, width), ...]."""
+    flat = list(flat)
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 def text_features(texts: list[str]) -> list[int]:
@@ -161,7 +201,7 @@ def fit_length_model(chunk: Chunk, tokenizer, settings: Settings) -> tuple[float
     """Least-squares weights of `text_features` for the token count of one encoded text, fitted on every text
     of the chunk's first CALIBRATION_RECORDS good records (a syntax error in the chunk is left to the build)."""
     records, _ = read_chunk(settings.data_path, chunk)
-    _, samples, _ = normalize_chunk(records, settings)
+    _, samples, _, _ = normalize_chunk(records, replace(settings, anyres=None))  # text only: no image is read
     bos, eos = special_ids(tokenizer)
     texts = [u for s in samples[:CALIBRATION_RECORDS]
              for u, _ in render_units(s.turns, settings.template, s.system or settings.system, bos, eos) if isinstance(u, str)]
@@ -172,24 +212,26 @@ def fit_length_model(chunk: Chunk, tokenizer, settings: Settings) -> tuple[float
     return tuple(weights.tolist())
 
 
-def estimate_length(units, settings: Settings) -> int:
-    """A rendered sample's length: images and special ids exact, text by the length model; capped at max_length."""
+def estimate_length(units, settings: Settings, image_lengths: list[int]) -> int:
+    """A rendered sample's length: images (`image_lengths`, one per image) and special ids exact, text by the
+    length model; capped at max_length."""
     texts = [u for u, _ in units if isinstance(u, str)]
     images = sum(1 for u, _ in units if not isinstance(u, str) and u == IMAGE_TOKEN_INDEX)
     ids = len(units) - len(texts) - images
     text = max(0, round(sum(w * f for w, f in zip(settings.length_model, text_features(texts))))) if texts else 0
-    return min(settings.max_length, images * settings.image_length + ids + text)
+    return min(settings.max_length, sum(image_lengths) + ids + text)
 
 
 def text_chunk(records: list[Record], tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
     """Normalise a chunk's records: its report and the rows it keeps, as texts with an estimated length (the
     tokenizer itself is not run)."""
-    report, samples, _ = normalize_chunk(records, settings)
+    report, samples, _, sizes = normalize_chunk(records, settings)
     report.kept, report.lazy = len(samples), True
     bos, eos = special_ids(tokenizer)
     systems = [s.system or settings.system for s in samples]
-    lengths = [estimate_length(render_units(s.turns, settings.template, system, bos, eos), settings)
-               for s, system in zip(samples, systems)]
+    lengths = [estimate_length(render_units(s.turns, settings.template, system, bos, eos), settings,
+                               settings.image_lengths(hw if settings.anyres else s.images))
+               for s, system, hw in zip(samples, systems, sizes)]
     turn_offsets = np.concatenate([[0], np.cumsum([len(s.turns) for s in samples])]).astype(np.int32)
     image_offsets = np.concatenate([[0], np.cumsum([len(s.images) for s in samples])]).astype(np.int32)
     batch = pa.RecordBatch.from_arrays([
@@ -200,15 +242,18 @@ def text_chunk(records: list[Record], tokenizer, settings: Settings) -> tuple[Da
         pa.array(systems, pa.string()),
         pa.array(np.asarray(lengths, dtype=np.int32)),
         pa.array(np.asarray([len(s.images) for s in samples], dtype=np.int32)),
+        sizes_column(sizes),
     ], schema=TEXT_COLUMNS)
     return report, batch
 
 
 def tokenize_chunk(records: list[Record], tokenizer, settings: Settings) -> tuple[DataReport, pa.RecordBatch]:
     """Normalise and tokenize a chunk's records: its report and the rows it keeps."""
-    report, samples, kept = normalize_chunk(records, settings)
+    report, samples, kept, sizes = normalize_chunk(records, settings)
+    # one count for all images, or with AnyRes each image's own
+    image_lengths = settings.image_length if settings.anyres is None else [settings.image_lengths(hw) for hw in sizes]
     tok = tokenize_conversations([(s.turns, s.system or settings.system) for s in samples], tokenizer,
-                                 settings.template, settings.max_length, settings.image_length)
+                                 settings.template, settings.max_length, image_lengths)
     for k in np.flatnonzero(~tok.trainable):
         report.add("no_trainable_tokens", kept[k], samples[k].id,
                    f"nothing left to train on within max_length={settings.max_length}")
@@ -216,6 +261,7 @@ def tokenize_chunk(records: list[Record], tokenizer, settings: Settings) -> tupl
     report.kept, report.truncated = len(keep), int(tok.truncated[keep].sum())
     # a truncation that dropped an image slot drops its file too
     images = [samples[k].images[: tok.num_images[k]] for k in keep.tolist()]
+    kept_sizes = [sizes[k][: tok.num_images[k]] for k in keep.tolist()]
     token_keep = np.repeat(tok.trainable, np.diff(tok.offsets))
     offsets = np.concatenate([[0], np.cumsum(np.diff(tok.offsets)[keep])]).astype(np.int32)
     image_offsets = np.concatenate([[0], np.cumsum([len(x) for x in images])]).astype(np.int32)
@@ -226,5 +272,6 @@ def tokenize_chunk(records: list[Record], tokenizer, settings: Settings) -> tupl
         pa.ListArray.from_arrays(offsets, pa.array(tok.labels[token_keep])),
         pa.array(tok.lengths[keep].astype(np.int32)),
         pa.array(tok.num_images[keep].astype(np.int32)),
+        sizes_column(kept_sizes),
     ], schema=COLUMNS)
     return report, batch

@@ -9,8 +9,8 @@ byte-for-byte the prefix the model saw in training. The rule is XTuner's `encode
 - the answer plus the template suffix has loss; EOS (with loss) follows unless the suffix is the EOS;
 - the separator after an answer has no loss.
 
-`max_length` counts every image as the `image_length` tokens it expands to, and truncation never cuts
-through an image slot.
+`max_length` counts every image as the tokens it expands to (`image_length`: one count for every image, or
+with AnyRes each image's own, from its size), and truncation never cuts through an image slot.
 
 Three steps, shared by one conversation (chat, eval) and 665K of them (the dataset cache):
 `render_units` lays a conversation out as encoding units (text or a ready id, with its loss flag) - the rule
@@ -29,6 +29,8 @@ from vlmtune.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_IND
 from vlmtune.data.templates import Template
 
 Unit = tuple  # (text: str to encode | id: int, supervised: bool)
+# positions each image slot expands to: one count for all, or (AnyRes) per conversation, one count per image
+ImageLengths = int | list[list[int]]
 
 
 @dataclass
@@ -141,7 +143,8 @@ def _standard_fast(tokenizer) -> bool:
             and cls.encode is PreTrainedTokenizerBase.encode and cls.__call__ is PreTrainedTokenizerBase.__call__)
 
 
-def tokenize_conversations(conversations, tokenizer, template: Template, max_length: int, image_length: int) -> TokenizedBatch:
+def tokenize_conversations(conversations, tokenizer, template: Template, max_length: int,
+                           image_length: ImageLengths) -> TokenizedBatch:
     """ids + labels of many `(turns, system)` conversations; each distinct text is encoded once."""
     bos, eos = special_ids(tokenizer)
     rendered = [render_units(turns, template, system, bos, eos) for turns, system in conversations]
@@ -150,12 +153,16 @@ def tokenize_conversations(conversations, tokenizer, template: Template, max_len
     return assemble(rendered, encoded, max_length, image_length)
 
 
-def tokenize_conversation(turns, tokenizer, template: Template, max_length: int, image_length: int, system: str = "") -> Tokenized:
-    """ids + labels for `turns` = [(user, assistant), ...] (see `render_units`)."""
-    return tokenize_conversations([(turns, system)], tokenizer, template, max_length, image_length)[0]
+def tokenize_conversation(turns, tokenizer, template: Template, max_length: int, image_length: int | list[int],
+                          system: str = "") -> Tokenized:
+    """ids + labels for `turns` = [(user, assistant), ...] (see `render_units`); `image_length`: positions
+    of every image, or a list with each image's own."""
+    lengths = image_length if isinstance(image_length, int) else [list(image_length)]
+    return tokenize_conversations([(turns, system)], tokenizer, template, max_length, lengths)[0]
 
 
-def assemble(rendered: list[list[Unit]], encoded: dict[str, list[int]], max_length: int, image_length: int) -> TokenizedBatch:
+def assemble(rendered: list[list[Unit]], encoded: dict[str, list[int]], max_length: int,
+             image_length: ImageLengths) -> TokenizedBatch:
     """Concatenate each conversation's units (texts looked up in `encoded`), then truncate them all."""
     pieces = [encoded[u] if isinstance(u, str) else (u,) for units in rendered for u, _ in units]
     sizes = np.fromiter(map(len, pieces), np.int64, count=len(pieces))
@@ -164,15 +171,24 @@ def assemble(rendered: list[list[Unit]], encoded: dict[str, list[int]], max_leng
     labels = np.where(np.repeat(supervised, sizes), ids, np.int32(IGNORE_INDEX)).astype(np.int32)
     unit_ends = np.cumsum(np.fromiter(map(len, rendered), np.int64, count=len(rendered)))
     token_ends = np.concatenate([[0], np.cumsum(sizes)])[unit_ends]
+    if not isinstance(image_length, int):  # one count per image slot, in order over all conversations
+        slots = [sum(1 for u, _ in units if u == IMAGE_TOKEN_INDEX) for units in rendered]
+        if slots != [len(x) for x in image_length]:
+            raise ValueError(f"image slots per conversation {slots} != image lengths given {image_length}")
+        image_length = np.fromiter(itertools.chain.from_iterable(image_length), np.int64, count=sum(slots))
     return truncate_batch(ids, labels, np.concatenate([[0], token_ends]), max_length, image_length)
 
 
-def truncate_batch(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max_length: int, image_length: int) -> TokenizedBatch:
-    """Cut each sample so its image-expanded length fits `max_length`; an image is kept whole or dropped."""
+def truncate_batch(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max_length: int,
+                   image_length: int | np.ndarray) -> TokenizedBatch:
+    """Cut each sample so its image-expanded length fits `max_length`; an image is kept whole or dropped.
+    `image_length`: positions of every image slot, or [number of image slots] one per slot, in order."""
     starts, ends = offsets[:-1], offsets[1:]
     is_image = ids == IMAGE_TOKEN_INDEX
+    widths = np.ones(len(ids), dtype=np.int64)
+    widths[is_image] = image_length
     # expanded[j] = expanded position where token j starts (cumulative over all samples, increasing)
-    expanded = np.concatenate([[0], np.cumsum(np.where(is_image, image_length, 1))])
+    expanded = np.concatenate([[0], np.cumsum(widths)])
     # a sample keeps the tokens that end within max_length of its start: a prefix, found by one search
     limit = min(max_length, int(expanded[-1]))  # no overflow for max_length = sys.maxsize
     stops = np.minimum(np.searchsorted(expanded[1:], expanded[starts] + limit, side="right"), ends)
@@ -189,8 +205,10 @@ def truncate_batch(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max
     )
 
 
-def truncate(ids: list[int], labels: list[int], max_length: int, image_length: int) -> Tokenized:
-    """One sample's `truncate_batch`: ids/labels cut to fit `max_length` (images counted expanded)."""
+def truncate(ids: list[int], labels: list[int], max_length: int, image_length: int | list[int]) -> Tokenized:
+    """One sample's `truncate_batch`: ids/labels cut to fit `max_length` (images counted expanded: every
+    one `image_length`, or a list with each image's own)."""
+    lengths = image_length if isinstance(image_length, int) else np.asarray(image_length, dtype=np.int64)
     batch = truncate_batch(np.asarray(ids, dtype=np.int32).reshape(-1), np.asarray(labels, dtype=np.int32).reshape(-1),
-                           np.array([0, len(ids)]), max_length, image_length)
+                           np.array([0, len(ids)]), max_length, lengths)
     return batch[0]

@@ -29,7 +29,7 @@ from vlmtune.engine.metrics import Metrics
 from vlmtune.errors import UserError
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "segment_ids")  # segment_ids: packed only
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "segment_ids", "image_sizes")  # segment_ids: packed only
 
 
 @dataclass
@@ -67,11 +67,12 @@ def micro_batches(loader, sampler, start: int):
         epoch, offset = epoch + 1, 0
 
 
-def count_tokens(batch: dict, image_length: int) -> tuple[int, int]:
-    """(target tokens, real tokens after image expansion) of a collated micro-batch."""
+def count_tokens(batch: dict, image_lengths) -> tuple[int, int]:
+    """(target tokens, real tokens after image expansion) of a collated micro-batch; `image_lengths`:
+    LlavaModel.image_lengths (positions per image, from the images' sizes)."""
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     n_images = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-    return targets, int(batch["attention_mask"].sum()) + n_images * (image_length - 1)
+    return targets, int(batch["attention_mask"].sum()) - n_images + sum(image_lengths(batch["image_sizes"]))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -82,7 +83,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, state: TrainState,
-        total_steps: int, image_length: int, evaluate, logger) -> TrainState:
+        total_steps: int, image_lengths, evaluate, logger) -> TrainState:
     """Train from `state.step` to `total_steps` (the LR schedule's length); checkpoint, log and evaluate on the way."""
     tc = cfg.train
     if total_steps <= 0:
@@ -98,7 +99,7 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
             batches = [next(stream) for _ in range(tc.accumulative_counts)]
             epoch = batches[-1][0]
             skipped = [s for _, b in batches for s in b["skipped"]]
-            counts = torch.tensor([[*count_tokens(b, image_length), len(b["ids"]), 0] for _, b in batches]).sum(0)
+            counts = torch.tensor([[*count_tokens(b, image_lengths), len(b["ids"]), 0] for _, b in batches]).sum(0)
             counts[3] = len(skipped)
             n_targets, n_tokens, n_samples, n_skipped = all_reduce_sum(counts).tolist()
             lr = engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside its last engine.step()

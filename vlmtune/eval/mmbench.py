@@ -118,6 +118,9 @@ def load_for_eval(args):
     from vlmtune.loading import load_generator
 
     generator = load_generator(args)
+    if args.pad_image_to_square is not None and generator.model.anyres is not None:
+        raise UserError("--pad-image-to-square / --no-pad-image-to-square: this model tiles images with AnyRes "
+                        "(image_grid_pinpoints), which takes each image at its own aspect ratio; drop the flag")
     if args.pad_image_to_square is not None:
         old = generator.preprocess
         generator.preprocess = ImagePreprocessor(old.image_processor, args.pad_image_to_square, old.method)

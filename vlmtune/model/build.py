@@ -81,7 +81,7 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
 
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.use_gradient_checkpointing)
     model = assemble(llm, visual_encoder, projector, cfg.visual_select_layer, dtype, cfg.llm_lora, cfg.visual_encoder_lora,
-                     cfg.vision_feature_select_strategy)
+                     cfg.vision_feature_select_strategy, cfg.image_grid_pinpoints)
     if for_training and cfg.use_gradient_checkpointing:
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -92,9 +92,10 @@ Adapter = dict | str | Path | None  # a LoRA config (a fresh adapter to train) o
 
 def assemble(llm: nn.Module, visual_encoder: nn.Module, projector: Projector, visual_select_layer: int,
              dtype: torch.dtype, llm_adapter: Adapter = None, vision_adapter: Adapter = None,
-             feature_strategy: str | None = None) -> LlavaModel:
+             feature_strategy: str | None = None, image_grid_pinpoints=None) -> LlavaModel:
     """The LlavaModel of these parts: each adapter attached (a dict: a fresh LoRA with those settings; a folder:
-    a trained adapter, every key placed, the vision one in either transformers naming), the projector in `dtype`."""
+    a trained adapter, every key placed, the vision one in either transformers naming), the projector in `dtype`;
+    AnyRes tiling (and its newline vector) with `image_grid_pinpoints`."""
     if isinstance(llm_adapter, dict):
         llm = add_lora(llm, llm_adapter, task_type="CAUSAL_LM")
     elif llm_adapter is not None:
@@ -104,7 +105,7 @@ def assemble(llm: nn.Module, visual_encoder: nn.Module, projector: Projector, vi
                                   task_type=None)
     elif vision_adapter is not None:
         visual_encoder = load_adapter(visual_encoder, vision_adapter, keymaps.CLIP_VISION_ADAPTER)
-    return LlavaModel(llm, visual_encoder, projector.to(dtype), visual_select_layer, feature_strategy)
+    return LlavaModel(llm, visual_encoder, projector.to(dtype), visual_select_layer, feature_strategy, image_grid_pinpoints)
 
 
 def _without_quantization(cfg: ModelConfig) -> ModelConfig:
