@@ -190,9 +190,12 @@ def _launch(args, argv: list[str]) -> int | None:
     flag is one line before torchrun and DeepSpeed start, not one per rank."""
     if args.command == "train":
         from vlmtune.config import load_config, parse_cfg_options
+        from vlmtune.engine.deepspeed_config import check_stage
         from vlmtune.paths import check_config_paths
 
-        check_config_paths(load_config(args.config, parse_cfg_options(args.cfg_options)))
+        cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
+        check_config_paths(cfg)
+        check_stage(cfg.model, args.deepspeed)
     elif args.command == "mmbench" and not args.predictions:  # re-scoring --predictions is one process
         from vlmtune.eval.mmbench import check_args
 

@@ -16,9 +16,11 @@ Names: trained weights are returned by LlavaModel parameter name. Both vlmtune's
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -66,6 +68,27 @@ def safe_load(path: Path, map_location="cpu", allowed: list = ()) -> dict:
                         f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None
     except (RuntimeError, EOFError) as e:
         raise UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+
+
+def deepspeed_safe_load(path, map_location=None, **_) -> dict:
+    """Load a DeepSpeed shard with weights_only=True, allowing only the plain data classes DeepSpeed stores
+    in optimizer states (its loss scaler, the ZeRO stage enum, fragment addresses); any other pickled
+    object is refused. Extra torch.load arguments DeepSpeed passes (`weights_only=False`, `mmap`) are dropped."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return safe_load(Path(path), map_location, allowed=[LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+class _SafeTorch:
+    """torch, as DeepSpeed's zero_to_fp32 module sees it while vlmtune reads a folder with it: every `load`
+    goes through `deepspeed_safe_load` (zero_to_fp32 itself unpickles with weights_only=False)."""
+
+    load = staticmethod(deepspeed_safe_load)
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
 
 
 def read_weights_file(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_model")) -> dict[str, torch.Tensor]:
@@ -178,25 +201,46 @@ def load_trained_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Con
 
 
 def _load_zero_dir(path: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
-    """Trained weights from DeepSpeed's model-states file (saved with exclude_frozen_parameters): vlmtune's
-    iter_N.ds/ (tag folder `ckpt` or the one `latest` names) or XTuner's iter_N.pth/ (the tag folder itself)."""
-    if (path / MODEL_STATES).is_file():
-        states = path / MODEL_STATES
-    else:
-        tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else DS_TAG
-        states = path / tag / MODEL_STATES
-    if not states.is_file():
-        if any(path.rglob("*_model_states.pt")):
-            raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
+    """Trained weights from a DeepSpeed folder (saved with exclude_frozen_parameters): vlmtune's iter_N.ds/
+    (tag folder `ckpt` or the one `latest` names) or XTuner's iter_N.pth/ (the tag folder itself). ZeRO-1/2:
+    the model-states file holds them whole; ZeRO-3: each rank's file holds a shard, and DeepSpeed's own
+    zero_to_fp32 merges the ranks' fp32 partitions (read through `deepspeed_safe_load`)."""
+    tag_dir = path if any(path.glob("*model_states.pt")) else \
+        path / ((path / "latest").read_text().strip() if (path / "latest").is_file() else DS_TAG)
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
         raise UserError(f"{path}: not a DeepSpeed checkpoint folder (no {MODEL_STATES})")
+    states = tag_dir / MODEL_STATES if (tag_dir / MODEL_STATES).is_file() else files[0]
     payload = safe_load(states, allowed=_XTUNER_LOGGING_GLOBALS)
-    if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
-        raise UserError(f"{path}: ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth file instead")
     config = config_from_text(payload["config_text"], str(states), payload["config_name"]) if "config_text" in payload else None
-    # "module" also holds the frozen 4-bit weights' quantization state (absmax, quant_map, ... of a QLoRA LLM);
     # "param_shapes" names the parameters the optimizer trained, which is what iter_N.pth holds
     trained = {name for group in payload["param_shapes"] for name in group}
-    return rename_either({k: v for k, v in payload["module"].items() if k in trained}, keymaps.XTUNER_STATE_DICT), config
+    if payload.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        weights = _zero3_weights(tag_dir)
+    else:  # "module" also holds the frozen 4-bit weights' quantization state (absmax, ...) of a QLoRA LLM
+        weights = payload["module"]
+    missing = sorted(trained - weights.keys())
+    if missing:
+        raise UserError(f"{path}: {len(missing)} trained parameters are not in the folder (first: {missing[0]!r}); "
+                        "is it complete? convert the matching iter_N.pth instead")
+    return rename_either({k: v for k, v in weights.items() if k in trained}, keymaps.XTUNER_STATE_DICT), config
+
+
+def _zero3_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained parameters of a ZeRO-3 tag folder in fp32, merged from every rank's shard by DeepSpeed's
+    zero_to_fp32 with its torch.load routed to the weights-only loader."""
+    from deepspeed.utils import zero_to_fp32
+
+    real, zero_to_fp32.torch = zero_to_fp32.torch, _SafeTorch()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines: not part of a command's output
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                                         exclude_frozen_parameters=True)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{tag_dir}: not a complete ZeRO-3 checkpoint ({type(e).__name__}: {e}); convert the "
+                        "matching iter_N.pth instead") from None
+    finally:
+        zero_to_fp32.torch = real
 
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:

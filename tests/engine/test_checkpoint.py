@@ -114,11 +114,14 @@ def test_a_vlmtune_checkpoint_brings_its_config(tiny, tmp_path):
     assert config.name == "tiny_llava_pretrain" and config.train.lr == 0.05 and config.text == cfg.text
 
 
-def test_a_zero3_folder_points_at_the_pth(tmp_path):
+def test_an_incomplete_zero3_folder_is_one_line(tmp_path):
+    """A ZeRO-3 folder whose ranks' optimizer shards (where the fp32 weights are) are missing: one line naming
+    the folder and the .pth to convert instead (a complete one is read in tests/engine/test_zero_stages.py)."""
     (tmp_path / "iter_4.ds" / DS_TAG).mkdir(parents=True)
-    torch.save({"module": {}, "param_shapes": [{}], "ds_config": {"zero_optimization": {"stage": 3}}},
-               tmp_path / "iter_4.ds" / DS_TAG / "mp_rank_00_model_states.pt")
-    with pytest.raises(UserError, match="ZeRO-3 folders hold sharded weights; convert the matching iter_N.pth"):
+    torch.save({"module": {}, "param_shapes": [{"projector.model.0.weight": torch.Size([4, 3])}], "buffer_names": [],
+                "ds_config": {"zero_optimization": {"stage": 3}}, "ds_version": "0.19.8"},
+               tmp_path / "iter_4.ds" / DS_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match=r"iter_4.ds/ckpt: not a complete ZeRO-3 checkpoint .*convert the matching iter_N.pth"):
         load_trained_weights(tmp_path / "iter_4.ds")
 
 

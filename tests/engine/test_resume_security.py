@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from vlmtune.engine.checkpoint import deepspeed_safe_load
+from vlmtune.weights import deepspeed_safe_load
 from vlmtune.errors import UserError
 
 

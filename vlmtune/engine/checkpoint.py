@@ -23,7 +23,8 @@ from vlmtune.config import Config
 from vlmtune.convert import keymaps
 from vlmtune.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
-from vlmtune.weights import DS_TAG, FORMAT, rename, safe_load
+from vlmtune.weights import DS_TAG, FORMAT, deepspeed_safe_load, rename, safe_load
+
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
 
@@ -104,17 +105,6 @@ def load_resume_state(engine, pth: Path, info: DistInfo) -> dict:
     if rng.is_file():
         _set_rng_state(safe_load(rng))
     return safe_load(pth)["trainer_state"]
-
-
-def deepspeed_safe_load(path: str, map_location=None) -> dict:
-    """Load a DeepSpeed shard with weights_only=True, allowing only the plain data classes DeepSpeed stores
-    in optimizer states (its loss scaler, the ZeRO stage enum, fragment addresses); any other pickled
-    object is refused."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return safe_load(Path(path), map_location, allowed=[LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
 
 
 def _rng_state() -> dict:

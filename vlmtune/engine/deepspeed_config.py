@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from vlmtune.config import CONFIG_DIR, TrainConfig, find_file
+from vlmtune.config import CONFIG_DIR, ModelConfig, TrainConfig, find_file
 from vlmtune.errors import UserError
+
+if TYPE_CHECKING:  # torch itself is imported where it is used: `vlmtune train`'s checks before torchrun do not need it
+    import torch
 
 DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
 
@@ -26,8 +28,28 @@ def resolve_deepspeed(name_or_path: str) -> Path:
     raise UserError(f"--deepspeed {name_or_path!r} is neither a JSON file nor one of: {names}")
 
 
+def zero_stage(name_or_path: str) -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 when it has none)."""
+    path = resolve_deepspeed(name_or_path)
+    try:
+        return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def check_stage(model: ModelConfig, name_or_path: str) -> None:
+    """Refuse, before anything launches, what a ZeRO stage cannot run: a quantized LLM (QLoRA) under ZeRO-3,
+    whose partitioning splits bitsandbytes' packed 4-bit/8-bit weights (bnb then fails at the first forward)."""
+    if model.quantization and zero_stage(name_or_path) == 3:
+        raise UserError(f"quantization={model.quantization!r} (QLoRA) cannot run under --deepspeed {name_or_path}: "
+                        "ZeRO-3 partitions the quantized weights bitsandbytes needs whole; use deepspeed_zero2 "
+                        "(or deepspeed_zero2_offload), or quantization=None with ZeRO-3")
+
+
 def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed JSON with every value vlmtune owns filled in from the vlmtune config."""
+    import torch
+
     path = resolve_deepspeed(name_or_path)
     try:
         cfg = json.loads(path.read_text())
