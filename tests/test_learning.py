@@ -25,7 +25,7 @@ from convert.convert_helpers import LOGIT_ATOL, chat_generator
 from vlmtune.cli import main as cli
 from vlmtune.tiny import TASK_FREE_QUESTION, TASK_OPTIONS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.75
 

@@ -18,7 +18,7 @@ import pytest
 from test_learning import THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path):

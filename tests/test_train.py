@@ -31,7 +31,7 @@ import torch
 
 from vlmtune.weights import load_trained_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 300  # seconds; a hung collective fails the test instead of hanging CI

@@ -22,7 +22,7 @@ from test_train import (WEIGHT_RTOL, assert_none_left, assert_ok, max_rel_diff, 
 
 from vlmtune.cli import main as cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 RECIPES = {"siglip": "tiny_llava_siglip_task_finetune_lora", "multi_image": "tiny_llava_multi_image_task_finetune_lora",
            "anyres": "tiny_llava_anyres_task_finetune_lora"}
 OPTIONS = dict(max_steps=6, save_steps=1, save_total_limit=0, warmup_ratio=0.2, logging_interval=1,

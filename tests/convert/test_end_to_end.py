@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from vlmtune.cli import main as cli_main
 from vlmtune.data.image import load_image
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 

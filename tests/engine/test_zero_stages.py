@@ -20,7 +20,7 @@ from test_train import (RUN_TIMEOUT, assert_none_left, assert_ok, max_rel_diff, 
 from vlmtune.cli import main as cli
 from vlmtune.weights import load_trained_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 OPTIONS = dict(max_steps=4, save_steps=1, save_total_limit=0, warmup_ratio=0.25, logging_interval=1,
                evaluation_freq=1000, group_by_length=False)
 RECIPES = {"lora": "tiny_llava_multi_image_task_finetune_lora", "full": "tiny_llava_task_finetune_full"}
@@ -108,3 +108,28 @@ def test_qlora_under_zero3_is_refused_before_launch(tiny, tmp_path):
         (line,) = proc.stderr.strip().splitlines()
         assert "quantization='4bit'" in line and "deepspeed_zero2" in line and stage in line
         assert not work_dir.exists()
+
+
+STAGES = ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+MATRIX = {"pretrain": "tiny_llava_task_pretrain", "lora": "tiny_llava_task_finetune_lora",
+          "full": "tiny_llava_task_finetune_full"}
+
+
+@pytest.mark.slow  # 15 runs of ~12 s: `bash scripts/test.sh --slow` (zero2 and zero3 run in CI above)
+@pytest.mark.parametrize("recipe", list(MATRIX))
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_trains_every_recipe(stage, recipe, tiny, tmp_path):
+    """Each shipped DeepSpeed stage (the offload ones build DeepSpeed's cpu_adam and run with pin_memory off on
+    CPU) trains the pretrain, the LoRA and the full finetune for 2 steps on 2 ranks: finite losses, and an
+    iter_2.pth holding every trained parameter of the model, moved from step 1."""
+    from vlmtune.config import load_config
+    from vlmtune.model.build import build_model
+
+    options = dict(OPTIONS, max_steps=2)
+    assert_ok(run_train(MATRIX[recipe], tmp_path, options, "--deepspeed", f"deepspeed_{stage}", **two_ranks()))
+    log = records(tmp_path)
+    assert sorted(log) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
+    model = build_model(load_config(MATRIX[recipe]).model, for_training=True)
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    first, last = weights(tmp_path, 1), weights(tmp_path, 2)
+    assert trained == set(last) and max_rel_diff(last, first) > 0

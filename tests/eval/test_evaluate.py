@@ -182,7 +182,7 @@ def log_lines(bench_dir: Path) -> int:
                for line in log.read_text().splitlines(keepends=True))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(model_args, files, whole_run, tmp_path, capsys):
     paths = [files["mcq"], files["yorn"], files["vqa"]]
     argv = [sys.executable, "-m", "vlmtune", *command(model_args, paths, tmp_path, "--batch-size", "1")]

@@ -217,7 +217,7 @@ def command(model_args, tsv, work_dir, *more) -> list[str]:
     return ["mmbench", *model_args, "--data-path", str(tsv), "--work-dir", str(work_dir), *more]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(model_args, long_tsv, tmp_path, capsys):
     rows = len(load_mmbench(long_tsv).questions)
     assert cli_main(command(model_args, long_tsv, tmp_path / "whole", "--batch-size", "8")) == 0
@@ -266,7 +266,7 @@ def test_only_unfinished_runs_with_the_same_generation_arguments_resume(model_ar
     assert find_resumable(tmp_path, wanted(), RESULT_GLOB) is None
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_shard_keeps_rotations_on_one_rank_and_covers_every_row_once(generator, mixed_tsv):
     questions = load_mmbench(mixed_tsv).questions
     parts = [shard(mmbench_items(generator, questions, MAX_NEW), rank, 3) for rank in range(3)]

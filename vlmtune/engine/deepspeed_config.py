@@ -64,6 +64,11 @@ def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, 
         gradient_clipping=train.max_norm,
         steps_per_print=10**9,  # vlmtune logs; keep DeepSpeed quiet
     )
+    if device.type == "cpu":  # the offload stages pin host memory for copies to a GPU: nothing to pin on CPU ranks
+        zero = cfg.get("zero_optimization", {})
+        for key in ("offload_optimizer", "offload_param"):
+            if isinstance(zero.get(key), dict) and zero[key].get("pin_memory"):
+                zero[key] = {**zero[key], "pin_memory": False}
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == torch.float16}
     return cfg
