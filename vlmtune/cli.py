@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["none", "slurm"], default="none",
                    help="slurm reads SLURM_* variables; NPROC_PER_NODE/NNODES/NODE_RANK/ADDR/PORT re-launch through torchrun")
     p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan (model built on the meta "
+                   "device from config.json files) and exit; nothing is launched (vlmtune/plan.py)")
+    p.add_argument("--gpus", type=int, help="--dry-run: GPUs of the run (default NPROC_PER_NODE x NNODES, else 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="--dry-run: GiB per GPU (default 80)")
     p.set_defaults(target="vlmtune.train:main")
 
     conv = sub.add_parser("convert", help="pth_to_hf or merge").add_subparsers(dest="convert", metavar="ACTION", required=True)
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet.install(args.verbose)  # before transformers, bitsandbytes or DeepSpeed are imported
     args.argv = argv  # the command as typed (mmbench records it in args.json)
+    if args.command == "train" and args.dry_run:  # the memory plan: config files only, no torchrun, DeepSpeed or data
+        args.target = "vlmtune.plan:main"
     try:
         code = _launch(args, argv)
         if code is None:
@@ -188,6 +194,8 @@ def _launch(args, argv: list[str]) -> int | None:
 
     The command's cheap checks come first, here and before the heavy stack is imported: a bad config, path or
     flag is one line before torchrun and DeepSpeed start, not one per rank."""
+    if args.command == "train" and args.dry_run:
+        return None
     if args.command == "train":
         from vlmtune.config import load_config, parse_cfg_options
         from vlmtune.engine.deepspeed_config import check_stage

@@ -45,6 +45,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     return tokenizer
 
 
+def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's storage of the frozen LLM: nf4 with double quantization (4bit), or LLM.int8 (8bit)."""
+    return BitsAndBytesConfig(load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+                              bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_threshold=6.0)
+
+
 def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
     """AutoModelForCausalLM, 4/8-bit through bitsandbytes when `quantization` is set."""
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -53,14 +60,7 @@ def load_llm(cfg: ModelConfig, dtype: torch.dtype, device_map=None):
     if cfg.quantization is not None:
         if cfg.quantization not in ("4bit", "8bit"):
             raise UserError(f"quantization {cfg.quantization!r} must be '4bit', '8bit' or None")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=cfg.quantization == "4bit",
-            load_in_8bit=cfg.quantization == "8bit",
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_threshold=6.0,
-        )
+        kwargs["quantization_config"] = quantization_config(cfg.quantization, dtype)
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     return load_pretrained_model(AutoModelForCausalLM, cfg.llm_name_or_path, **kwargs)
 
@@ -72,11 +72,45 @@ def build_model(cfg: ModelConfig, for_training: bool = True, quantize: bool = Tr
     llm_cfg = cfg if quantize else _without_quantization(cfg)
     llm = load_llm(llm_cfg, dtype)
     visual_encoder = load_vision_encoder(cfg.visual_encoder_name_or_path, dtype)
+    return finish_model(llm, visual_encoder, llm_cfg, dtype, for_training)
+
+
+def build_meta_model(cfg: ModelConfig, llm_folder: str, vision_folder: str, dtype: torch.dtype) -> LlavaModel:
+    """The LlavaModel `build_model` would train, on the meta device (shapes, dtypes and trainable flags, no
+    memory), from the config.json files in `llm_folder` and `vision_folder`: what `vlmtune train --dry-run`
+    counts. A 4/8-bit LLM gets transformers' own bitsandbytes layers (Params4bit / Int8Params, unquantized
+    shapes on meta)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from vlmtune.model.vision import encoder_spec, vision_config
+
+    llm_config = from_pretrained(AutoConfig, llm_folder, trust_remote_code=cfg.trust_remote_code)
+    tower_config = vision_config(vision_folder)
+    spec = encoder_spec(tower_config)
+    for key, value in spec.load_kwargs:  # as load_vision_encoder passes them to from_pretrained
+        setattr(tower_config, key, value)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        if cfg.quantization is not None:
+            from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+            from transformers.quantizers.base import get_keys_to_not_convert
+
+            llm = replace_with_bnb_linear(llm, get_keys_to_not_convert(llm), quantization_config(cfg.quantization, dtype))
+        visual_encoder = getattr(transformers, spec.model_class)(tower_config).to(dtype)
+        return finish_model(llm, visual_encoder, cfg, dtype)
+
+
+def finish_model(llm: nn.Module, visual_encoder: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
+                 for_training: bool = True) -> LlavaModel:
+    """Loaded (or, for `vlmtune train --dry-run`, meta-device) parts -> the LlavaModel training runs: projector,
+    which parameters train, k-bit preparation, assembly with LoRA, gradient checkpointing. The one place these
+    decisions are made, so the memory plan (vlmtune/plan.py) counts the model training builds."""
     projector = Projector(visual_encoder.config.hidden_size, llm.config.get_text_config().hidden_size, cfg.projector_depth)
     llm.requires_grad_(not cfg.freeze_llm and cfg.llm_lora is None)
     visual_encoder.requires_grad_(not cfg.freeze_visual_encoder and cfg.visual_encoder_lora is None)
     freeze_unused(visual_encoder)
-    if for_training and llm_cfg.quantization is not None:
+    if for_training and cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.use_gradient_checkpointing)
