@@ -96,3 +96,19 @@ def test_full_finetune_changes_every_llm_tensor_clip_frozen(tiny_model_config, t
     assert not no_grad
     assert changed(before, after) == names  # embed_tokens changes in the rows the batch uses
     assert not any(n.startswith("visual_encoder.") for n in changed(before, after))
+
+
+def test_lora_over_a_frozen_llm_trains_the_same_with_gradient_checkpointing(tiny_model_config, tiny_batch):
+    """Non-reentrant checkpointing (model/build.py) needs no enable_input_require_grads: with the LLM frozen
+    (plain LoRA, no k-bit preparation) the adapters and the projector get the gradients, and the step, of a run
+    without checkpointing."""
+    steps = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build(tiny_model_config, llm_lora=LORA, visual_encoder_lora=LORA, use_gradient_checkpointing=checkpointing)
+        assert model.llm.is_gradient_checkpointing == checkpointing
+        steps.append(one_step(model, tiny_batch))
+    (before, plain, _), (_, checkpointed, no_grad) = steps
+    names = trainable(model)
+    assert changed(before, checkpointed) == changed(before, plain) == names - no_grad and len(names - no_grad) > 10
+    assert all(torch.allclose(plain[n], checkpointed[n], rtol=0, atol=1e-6) for n in names)
