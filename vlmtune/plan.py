@@ -221,10 +221,12 @@ class Plan:
 
     def largest_micro_batch(self, checkpointing: bool | None = None) -> int:
         """The largest micro-batch whose peak fits in --gpu-memory (0: not even one sample)."""
-        budget = self.gpu_memory * GiB
-        free = budget - self.peak(0, checkpointing)
         ckpt = self.config.model.use_gradient_checkpointing if checkpointing is None else checkpointing
-        return max(0, int(free // self.activations[ckpt])) if self.peak(1, checkpointing) <= budget else 0
+        budget = self.gpu_memory * GiB
+        if self.peak(1, ckpt) > budget:
+            return 0
+        free = budget - self.states.gpu - self.states.gathered - self.activation_fixed[ckpt]
+        return int(free // self.activations[ckpt])  # the step's buffer fits: peak(1) did
 
 
 def make_plan(cfg: Config, deepspeed: str, gpus: int, gpu_memory: float) -> Plan:
