@@ -100,7 +100,7 @@ def _census(tiny, stage: str, tmp_path) -> list[dict]:
     return json.loads(out.read_text())["ranks"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e  # in CI: the plan checked against real ranks (about 60 s)
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_the_plan_is_what_two_deepspeed_ranks_hold(tiny, stage, tmp_path):
     """LoRA finetune (LLM and CLIP LoRA, projector; frozen LLM and CLIP), bf16, 2 gloo ranks: each rank's
