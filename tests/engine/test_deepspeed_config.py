@@ -82,3 +82,22 @@ def test_unknown_name_and_broken_json_are_user_errors(tmp_path):
     broken.write_text('{\n  "zero_optimization": {"stage": 2},\n  oops\n}')
     with pytest.raises(UserError, match="broken.json: invalid JSON at line 3"):
         deepspeed_config(str(broken), TrainConfig(), torch.float32, 1, CPU)
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2_offload", "deepspeed_zero3_offload"])
+def test_offload_pins_host_memory_only_for_gpus(name):
+    """The shipped offload JSONs pin host memory (for copies to a GPU); CPU ranks have nothing to pin."""
+    shipped = json.loads(resolve_deepspeed(name).read_text())["zero_optimization"]
+    offloads = [k for k in ("offload_optimizer", "offload_param") if k in shipped]
+    assert offloads and all(shipped[k]["pin_memory"] is True for k in offloads)
+    train = TrainConfig()
+    on_cpu = deepspeed_config(name, train, torch.float32, 2, CPU)["zero_optimization"]
+    on_gpu = deepspeed_config(name, train, torch.bfloat16, 8, GPU)["zero_optimization"]
+    assert all(on_cpu[k]["pin_memory"] is False and on_gpu[k]["pin_memory"] is True for k in offloads)
+    assert {k: {**v, "pin_memory": True} for k, v in on_cpu.items() if k in offloads} == {k: shipped[k] for k in offloads}
+
+
+def test_zero_stage_of_every_shipped_config():
+    from vlmtune.engine.deepspeed_config import zero_stage
+
+    assert {name: zero_stage(name) for name in SHIPPED} == SHIPPED
