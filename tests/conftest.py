@@ -109,3 +109,16 @@ def tiny_batch(tiny, tiny_tokenizer):
             "image_sizes": torch.tensor([(im.height, im.width) for im in loaded], dtype=torch.long).reshape(-1, 2),
         })
     return collate(samples, pad_token_id=tiny_tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny
+    models gain nothing from more, and on a busy machine threads that wait for each other at every small op make
+    the runs many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

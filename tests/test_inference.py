@@ -23,13 +23,7 @@ MAX_NEW = 8
 LOGIT_ATOL = 1e-4  # float32; the two paths differ only in how the attention sums are grouped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in tests/eval: the tiny models gain nothing from more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

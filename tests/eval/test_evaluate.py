@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from bench_tsv import (MCQ_COLUMNS, MMMU_COLUMNS, VQA_COLUMNS, YORN_COLUMNS, mcq_rows, mmmu_rows, vqa_rows,
                        yorn_rows)
 from mmbench_tsv import base_questions, rotations, write_tsv
@@ -26,35 +25,15 @@ from mmbench_tsv import base_questions, rotations, write_tsv
 import vlmtune.eval.evaluate as evaluate
 from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
-from vlmtune.config import ModelConfig
-from vlmtune.convert.xtuner import save_projector
 from vlmtune.eval.bench_data import Benchmark
 from vlmtune.eval.benchmarks import kind_for
 from vlmtune.eval.runner import gather_predictions
 from vlmtune.loading import load_generator
-from vlmtune.model.build import build_model
 
 MAX_NEW = 8  # enough tokens for the tiny model's answers to differ between rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny models gain nothing from two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_args(tiny, tmp_path_factory) -> list[str]:
-    """CLI model flags: the tiny LLM + CLIP + a seeded projector saved as `convert pth_to_hf` saves it."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(str(tiny.llm), str(tiny.clip), torch_dtype="float32"), for_training=False)
-    llava = tmp_path_factory.mktemp("llava")
-    save_projector(model, llava / "projector")
-    return [str(tiny.llm), "--llava", str(llava), "--visual-encoder", str(tiny.clip), "--prompt-template", "vicuna",
-            "--torch-dtype", "float32", "--device", "cpu", "--max-new-tokens", str(MAX_NEW)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

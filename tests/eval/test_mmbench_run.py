@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from mmbench_tsv import base_questions, rotations, write_tsv
 
 from vlmtune.cli import build_parser
 from vlmtune.cli import main as cli_main
-from vlmtune.config import ModelConfig
-from vlmtune.convert.xtuner import save_projector
 from vlmtune.eval.mmbench import DEFAULT_MAX_NEW_TOKENS, RESULT_GLOB, generation_args, mmbench_items, run_mmbench
 from vlmtune.eval.mmbench_data import decode_image, load_mmbench
 from vlmtune.eval.prompt import build_prompt
@@ -32,30 +29,11 @@ from vlmtune.eval.runner import batches, find_resumable, gather_predictions, ima
 from vlmtune.eval.scoring import score
 from vlmtune.inference import Generator
 from vlmtune.loading import load_generator
-from vlmtune.model.build import build_model
 
 MAX_NEW = 8  # enough tokens for the tiny model's answers to differ between questions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny models gain nothing from two, and on a busy machine threads that wait for each
-    other at every small op make the runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_args(tiny, tmp_path_factory) -> list[str]:
-    """CLI model flags for the tiny LLM + CLIP + a seeded projector saved as `convert pth_to_hf` saves it."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(str(tiny.llm), str(tiny.clip), torch_dtype="float32"), for_training=False)
-    llava = tmp_path_factory.mktemp("llava")
-    save_projector(model, llava / "projector")
-    return [str(tiny.llm), "--llava", str(llava), "--visual-encoder", str(tiny.clip), "--prompt-template", "vicuna",
-            "--torch-dtype", "float32", "--device", "cpu", "--max-new-tokens", str(MAX_NEW)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
