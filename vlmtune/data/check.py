@@ -134,8 +134,10 @@ def _check_tokens(settings: Settings, sample, verdict: Verdict, sizes: list[tupl
     """Full length with images expanded (each `image_length`, or with AnyRes its own count from its (height,
     width) in `sizes`); blocking when truncation to max_length leaves no label."""
     from vlmtune.data.tokenize import tokenize_conversation, truncate
+    from vlmtune.model.anyres import image_positions
 
-    lengths = settings.image_length if settings.anyres is None else [settings.anyres.tokens(hw) for hw in sizes]
+    anyres = settings.anyres
+    lengths = settings.image_length if anyres is None else image_positions(sizes, settings.image_length, anyres)
     full = tokenize_conversation(sample.turns, settings.tokenizer, settings.template, sys.maxsize,
                                  lengths, sample.system or settings.system)
     verdict.length = full.length

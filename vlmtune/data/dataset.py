@@ -134,8 +134,8 @@ class RowTokenizer:
         """The row's Tokenized, or RecordError when truncation leaves nothing to train on."""
         s = self.settings
         turns = list(zip(row["users"], row["answers"]))
-        lengths = s.image_length if s.anyres is None else s.image_lengths(row_sizes(row["image_sizes"]))
-        tok = tokenize_conversation(turns, self.tokenizer, s.template, s.max_length, lengths, row["system"])
+        tok = tokenize_conversation(turns, self.tokenizer, s.template, s.max_length, s.row_image_length(row),
+                                    row["system"])
         if not tok.trainable:
             raise RecordError("no_trainable_tokens", f"nothing left to train on within max_length={s.max_length}")
         return tok

@@ -38,8 +38,8 @@ def _training_dataset(cfg, work_dir: Path):
     without the model weights."""
     from vlmtune.data.dataset import build_dataset, cache_dir, table_settings
     from vlmtune.data.image import ImagePreprocessor
-    from vlmtune.model.build import load_tokenizer
     from vlmtune.model.anyres import image_layout
+    from vlmtune.model.build import load_tokenizer
     from vlmtune.model.vision import load_image_processor, vision_config
     from vlmtune.paths import require_model_folder
 
@@ -93,13 +93,10 @@ def _full_length(dataset, row) -> int | None:
         return None
     from vlmtune.data.tokenize import tokenize_conversation
 
-    from vlmtune.data.table import row_sizes
-
     s = dataset.row_tokenizer.settings
     turns = list(zip(row["users"], row["answers"]))
-    lengths = s.image_length if s.anyres is None else s.image_lengths(row_sizes(row["image_sizes"]))
-    return tokenize_conversation(turns, dataset.row_tokenizer.tokenizer, s.template, sys.maxsize, lengths,
-                                 row["system"]).length
+    return tokenize_conversation(turns, dataset.row_tokenizer.tokenizer, s.template, sys.maxsize,
+                                 s.row_image_length(row), row["system"]).length
 
 
 def _marked_text(ids: list[int], labels: list[int], tokenizer, image_lengths: list[int], marks, truncated: bool) -> str:

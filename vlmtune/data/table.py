@@ -52,7 +52,7 @@ from vlmtune.data.tokenize import (
     tokenize_conversations,
 )
 from vlmtune.data.workers import map_chunks
-from vlmtune.model.anyres import AnyRes
+from vlmtune.model.anyres import AnyRes, image_positions
 
 MAX_EXAMPLES = 5
 COLUMNS = pa.schema([
@@ -117,11 +117,14 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
 
     def image_lengths(self, sizes) -> list[int]:
-        """Positions of images of (height, width) `sizes`: `anyres.tokens` of each, else `image_length` (then
-        only their number counts)."""
-        if self.anyres is None:
-            return [self.image_length] * len(sizes)
-        return [self.anyres.tokens(size) for size in sizes]
+        """Positions of images of (height, width) `sizes` (model/anyres.py `image_positions`; without AnyRes only
+        their number counts)."""
+        return image_positions(sizes, self.image_length, self.anyres)
+
+    def row_image_length(self, row: dict) -> int | list[int]:
+        """A table row's image positions as tokenize takes them: `image_length` for every image, or with AnyRes
+        each image's own from the row's stored `image_sizes`."""
+        return self.image_length if self.anyres is None else self.image_lengths(row_sizes(row["image_sizes"]))
 
 
 def write_table(settings: Settings, tokenizer, path: Path, lazy: bool = False) -> DataReport:

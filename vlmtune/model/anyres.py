@@ -116,6 +116,14 @@ class AnyRes:
         return torch.cat([features[0], with_newlines.reshape(-1, D)])
 
 
+def image_positions(sizes, image_length: int, anyres: AnyRes | None) -> list[int]:
+    """Positions each image of (height, width) `sizes` takes after the splice: with AnyRes the tokens of its own
+    size, else `image_length` each. The one rule the model, the table build and `data check` share."""
+    if anyres is None:
+        return [image_length] * len(sizes)
+    return [anyres.tokens(tuple(size)) for size in sizes]
+
+
 def image_layout(vision_config, strategy: str | None, pinpoints) -> tuple[int, AnyRes | None]:
     """(positions an image takes after the splice - with AnyRes the most one can -, the tiling or None) for
     an encoder config, its feature strategy and `image_grid_pinpoints`: what LlavaModel uses and what the

@@ -29,7 +29,7 @@ from torch import nn
 
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vlmtune.model import vision
-from vlmtune.model.anyres import image_layout
+from vlmtune.model.anyres import image_layout, image_positions
 from vlmtune.model.projector import Projector
 
 # projected image features: [N, P, D] (a fixed-size encoder) or one [L_i, D] per image (AnyRes)
@@ -76,9 +76,7 @@ class LlavaModel(nn.Module):
 
     def image_lengths(self, image_sizes: torch.Tensor) -> list[int]:
         """Positions each image of (height, width) `image_sizes` [N, 2] takes after the splice."""
-        if self.anyres is None:
-            return [self.image_length] * len(image_sizes)
-        return [self.anyres.tokens(size) for size in image_sizes.tolist()]
+        return image_positions(image_sizes.tolist(), self.image_length, self.anyres)
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> Features:
         """Projected features from `visual_select_layer` (model/vision.py): [N, 3, H, W] -> [N, P, D]; with
