@@ -208,3 +208,33 @@ def test_the_configs_users_see_are_the_ones_read():
     assert CONFIG_DIR.resolve() == (repo / "configs").resolve()
     shown = sorted(p.name for p in (repo / "configs").glob("*.py"))
     assert sorted(f"{name}.py" for name in list_configs()) == [n for n in shown if not n.startswith("_")]
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("dict(data_path='MME.tsv')", "config key 'evaluation_benchmarks' should be a list"),
+        ("['MME.tsv']", "evaluation_benchmarks[0] should be dict(data_path=..., max_rows=...), got 'MME.tsv'"),
+        ("[dict(data_path='MME.tsv', max_row=5)]", "evaluation_benchmarks[0]: unknown key 'max_row' (did you mean 'max_rows'?)"),
+        ("[dict(max_rows=5)]", "evaluation_benchmarks[0]: 'data_path' (the benchmark's TSV) is required"),
+        ("[dict(data_path='a.tsv'), dict(data_path='MME.tsv', max_rows=0)]",
+         "evaluation_benchmarks[1]: 'max_rows' should be a positive int (or None for every row), got 0"),
+        ("[dict(data_path='MME.tsv', max_rows='5')]", "'max_rows' should be a positive int (or None for every row), got '5'"),
+        ("[dict(data_path='MME.tsv', max_rows=True)]", "'max_rows' should be a positive int (or None for every row), got True"),
+        ("[dict(data_path='MME.tsv', dataset=3)]", "'dataset' should be a VLMEvalKit benchmark name, got 3"),
+    ],
+)
+def test_a_bad_evaluation_benchmarks_entry_is_one_line_naming_config_and_entry(tmp_path, value, expected):
+    path = write(tmp_path, "bad.py", MINIMAL + f"evaluation_benchmarks = {value}\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(path))
+    assert str(e.value).startswith(f"{path}: ") and expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_evaluation_benchmarks_entries_are_typed_and_survive_the_saved_config(tmp_path):
+    body = MINIMAL + "evaluation_benchmarks = [dict(data_path='MME.tsv', max_rows=50), dict(data_path='x.tsv', dataset='POPE')]\n"
+    cfg = load_config(str(write(tmp_path, "ok.py", body)))
+    assert [(b.data_path, b.max_rows, b.dataset) for b in cfg.train.evaluation_benchmarks] == [
+        ("MME.tsv", 50, None), ("x.tsv", None, "POPE")]
+    assert config_from_text(cfg.text, "saved.py").train.evaluation_benchmarks == cfg.train.evaluation_benchmarks
+    assert load_config(str(write(tmp_path, "none.py", MINIMAL))).train.evaluation_benchmarks == []

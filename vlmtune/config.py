@@ -73,6 +73,15 @@ class DataConfig:
     data_root: str = ""  # XTuner's helper for composing paths inside the config; not used after loading
 
 
+@dataclass(frozen=True)
+class BenchmarkEntry:
+    """One `evaluation_benchmarks` entry: a VLMEvalKit TSV scored during training (eval/in_training.py)."""
+
+    data_path: str
+    max_rows: int | None = None  # the first N rows the benchmark asks, in file order; None = every row
+    dataset: str | None = None  # VLMEvalKit's name when the file name does not say it (`vlmtune eval --dataset`)
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, checkpoints, logging and in-training evaluation."""
@@ -96,6 +105,8 @@ class TrainConfig:
     evaluation_images: list[str] = field(default_factory=list)
     evaluation_inputs: list[str] = field(default_factory=list)
     evaluation_max_new_tokens: int = 64
+    # benchmark subsets scored every evaluation_freq steps, e.g. [dict(data_path='MME.tsv', max_rows=200)]
+    evaluation_benchmarks: list[BenchmarkEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -248,7 +259,9 @@ def _validate(values: dict, path: Path) -> dict:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name in values:
+            if f.name == "evaluation_benchmarks" and f.name in values:
+                kwargs[f.name] = _benchmark_entries(values[f.name], path)
+            elif f.name in values:
                 kwargs[f.name] = _check_type(values[f.name], hints[f.name], f.name, path)
                 if f.name in CHOICES and kwargs[f.name] is not None and kwargs[f.name] not in CHOICES[f.name]:
                     raise UserError(f"{path}: config key {f.name!r} should be one of {', '.join(CHOICES[f.name])}, got {kwargs[f.name]!r}")
@@ -262,6 +275,37 @@ def _validate(values: dict, path: Path) -> dict:
         raise UserError(f"{path}: pack_to_max_length needs exact lengths, so records are tokenized up front; "
                         f"remove lazy_tokenize=True (or set it False)")
     return out
+
+
+def _benchmark_entries(value, path: Path) -> list[BenchmarkEntry]:
+    """`evaluation_benchmarks`: a list of dict(data_path=..., max_rows=..., dataset=...); a bad entry is one line
+    naming its position. The files are read before the run starts (paths.check_config_paths)."""
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{path}: config key 'evaluation_benchmarks' should be a list of "
+                        f"dict(data_path=..., max_rows=...), got {value!r}")
+    fields = {f.name for f in dataclasses.fields(BenchmarkEntry)}
+    entries = []
+    for i, entry in enumerate(value):
+        where = f"{path}: evaluation_benchmarks[{i}]"
+        if isinstance(entry, BenchmarkEntry):  # already validated (a Config built in code)
+            entry = dataclasses.asdict(entry)
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} should be dict(data_path=..., max_rows=...), got {entry!r}")
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{where}: unknown key {unknown[0]!r}{hint}; an entry takes {', '.join(sorted(fields))}")
+        if not isinstance(entry.get("data_path"), str) or not entry["data_path"]:
+            raise UserError(f"{where}: 'data_path' (the benchmark's TSV) is required, got {entry.get('data_path')!r}")
+        rows = entry.get("max_rows")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise UserError(f"{where}: 'max_rows' should be a positive int (or None for every row), got {rows!r}")
+        dataset = entry.get("dataset")
+        if dataset is not None and (not isinstance(dataset, str) or not dataset):
+            raise UserError(f"{where}: 'dataset' should be a VLMEvalKit benchmark name, got {dataset!r}")
+        entries.append(BenchmarkEntry(entry["data_path"], rows, dataset))
+    return entries
 
 
 def _aspect_ratio(model: ModelConfig, data: DataConfig, pad_given: bool, path: Path) -> None:
