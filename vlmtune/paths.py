@@ -42,8 +42,8 @@ def _make_tiny_hint(path: Path) -> str:
 
 
 def check_config_paths(cfg) -> None:
-    """Before a run starts (and before torchrun or DeepSpeed): the config's models, data and checkpoint exist.
-    `cfg` is a vlmtune.config.Config."""
+    """Before a run starts (and before torchrun or DeepSpeed): the config's models, data and checkpoint exist,
+    and its evaluation_benchmarks files are read and checked (eval's loaders). `cfg` is a vlmtune.config.Config."""
     require_model_folder(cfg.model.llm_name_or_path, "llm_name_or_path")
     require_model_folder(cfg.model.visual_encoder_name_or_path, "visual_encoder_name_or_path")
     checks = [(cfg.data.data_path, "data_path", Path.is_file, "data file"),
@@ -54,3 +54,7 @@ def check_config_paths(cfg) -> None:
         path = Path(value).expanduser()
         if not exists(path):
             raise UserError(f"{value}: {what} not found; check `{key}` in the config{_make_tiny_hint(path)}")
+    if cfg.train.evaluation_benchmarks:  # read and checked: a missing or malformed one is one line now, not at step 500
+        from vlmtune.eval.benchmarks import load_benchmarks
+
+        load_benchmarks(cfg)

@@ -6,6 +6,9 @@ is scored (recorded with each row's prompt). The name comes from the file name (
 names its files; `--dataset NAME` overrides it. Names containing 'MMBench', 'CCBench', 'circular' or 'MMCR' are VLMEvalKit's circular
 sets; an unknown file with multiple-choice columns is plain multiple choice.
 
+`load_all` reads data files into `Loaded` benchmarks (kind, rows, prompts) for `vlmtune eval`; `load_benchmarks`
+does it for a training config's `evaluation_benchmarks` (eval/in_training.py scores them during training).
+
 max_new_tokens: VLMEvalKit's LLaVA_XTuner (vlmeval/vlm/llava/llava_xtuner.py build_gen_config) generates 5 tokens
 for multiple-choice and yes/no sets and 512 otherwise; decoding here is always greedy (that wrapper samples with
 5 beams for the others, which is not copied).
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlmtune.config import Config
 from vlmtune.constants import DEFAULT_IMAGE_TOKEN
+from vlmtune.distributed import rank_and_world
 from vlmtune.errors import UserError
 from vlmtune.eval import mcq, vqa, yorn
 from vlmtune.eval.bench_data import Benchmark, Row, Scored
@@ -139,3 +144,65 @@ def prompts(kind: Kind, data: Benchmark | MMBenchData) -> list[Prompt]:
 
 def _mmbench_image(question) -> list[Image.Image]:
     return [decode_image(question)]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One --data-path: its kind, its rows and their prompts."""
+
+    kind: Kind
+    data: Benchmark | MMBenchData
+    prompts: list[Prompt]
+
+    @property
+    def stem(self) -> str:
+        """The file name without extension: the benchmark's folder and file names in the run folder."""
+        return self.data.file.stem
+
+    def max_new_tokens(self, override: int | None) -> int:
+        """--max-new-tokens, else the kind's (VLMEvalKit's budget for it)."""
+        return override or self.kind.max_new_tokens
+
+    def head(self, n: int | None) -> Loaded:
+        """The first `n` rows asked, in file order (all when n is None): the benchmark `vlmtune eval` scores on
+        a copy of the file cut after them. MMBench's CircularEval then counts the rotations among those rows."""
+        if n is None or n >= len(self.prompts):
+            return self
+        if isinstance(self.data, MMBenchData):
+            data = replace(self.data, questions=self.data.questions[:n], table=self.data.table.iloc[:n])
+        else:
+            data = replace(self.data, rows=self.data.rows[:n], table=self.data.table.iloc[:n])
+        return Loaded(self.kind, data, self.prompts[:n])
+
+
+def load_all(paths: list[str], datasets: list[str] | None) -> list[Loaded]:
+    """Every data file read and checked, with its prompts; rows skipped for having no image are counted aloud."""
+    loaded = []
+    for path, dataset in zip(paths, datasets or [None] * len(paths)):
+        kind = kind_for(path, dataset)
+        data = kind.load(Path(path), kind.name)
+        if isinstance(data, Benchmark) and data.skipped and rank_and_world()[0] == 0:
+            print(f"{path}: {data.skipped} rows without an image skipped, as VLMEvalKit skips them")
+        loaded.append(Loaded(kind, data, prompts(kind, data)))
+    return loaded
+
+
+def load_benchmarks(cfg: Config) -> list[Loaded]:
+    """The config's `evaluation_benchmarks`, each read, checked and cut to its `max_rows`; a bad file is a
+    UserError naming the config and the entry."""
+    loaded, stems = [], {}
+    for i, entry in enumerate(cfg.train.evaluation_benchmarks):
+        where = f"{cfg.path}: evaluation_benchmarks[{i}]"
+        stem = Path(entry.data_path).stem
+        if stem in stems:
+            raise UserError(f"{where}: {entry.data_path} has the file name of evaluation_benchmarks[{stems[stem]}]; "
+                            "their outputs would share a folder (rename one)")
+        stems[stem] = i
+        if not Path(entry.data_path).expanduser().is_file():
+            raise UserError(f"{where}: {entry.data_path}: benchmark file not found; fix its data_path")
+        try:
+            (one,) = load_all([str(Path(entry.data_path).expanduser())], [entry.dataset] if entry.dataset else None)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        loaded.append(one.head(entry.max_rows))
+    return loaded

@@ -18,15 +18,13 @@ match; benchmarks already answered are only re-scored.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vlmtune.distributed import destroy_distributed, init_gloo, rank_and_world
 from vlmtune.errors import UserError
-from vlmtune.eval.bench_data import Benchmark
-from vlmtune.eval.benchmarks import Kind, Prompt, kind_for, prompts
+from vlmtune.eval.benchmarks import Loaded, load_all
 from vlmtune.eval.mmbench import GENERATION_ARGS, load_for_eval
 from vlmtune.eval.mmbench_data import MMBenchData
 from vlmtune.eval.results import finish_run
@@ -35,24 +33,6 @@ from vlmtune.eval.sheets import read_predictions_for, result_sheet, write_xlsx
 from vlmtune.eval.summary import format_summary, summary_rows, write_summary
 
 FINISHED = "summary.json"  # a run folder holding it is finished
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One --data-path: its kind, its rows and their prompts."""
-
-    kind: Kind
-    data: Benchmark | MMBenchData
-    prompts: list[Prompt]
-
-    @property
-    def stem(self) -> str:
-        """The file name without extension: the benchmark's folder and file names in the run folder."""
-        return self.data.file.stem
-
-    def max_new_tokens(self, override: int | None) -> int:
-        """--max-new-tokens, else the kind's (VLMEvalKit's budget for it)."""
-        return override or self.kind.max_new_tokens
 
 
 def main(args) -> int:
@@ -68,7 +48,8 @@ def main(args) -> int:
         generator = load_for_eval(args)
         record = {k: v for k, v in vars(args).items() if k != "target"}
         run_dir = open_run(args.work_dir, generation_args(args), record, FINISHED, "eval")
-        rows = [r for one in loaded for r in evaluate_one(generator, one, run_dir, args) or []]
+        rows = [r for one in loaded
+                for r in evaluate_one(generator, one, run_dir, args.batch_size, args.max_new_tokens) or []]
         if rank_and_world()[0] == 0:
             finish_summary(rows, run_dir)
     finally:
@@ -92,18 +73,6 @@ def check_args(args) -> None:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
 
 
-def load_all(paths: list[str], datasets: list[str] | None) -> list[Loaded]:
-    """Every data file read and checked, with its prompts; rows skipped for having no image are counted aloud."""
-    loaded = []
-    for path, dataset in zip(paths, datasets or [None] * len(paths)):
-        kind = kind_for(path, dataset)
-        data = kind.load(Path(path), kind.name)
-        if isinstance(data, Benchmark) and data.skipped and rank_and_world()[0] == 0:
-            print(f"{path}: {data.skipped} rows without an image skipped, as VLMEvalKit skips them")
-        loaded.append(Loaded(kind, data, prompts(kind, data)))
-    return loaded
-
-
 def generation_args(args) -> dict:
     """The arguments that decide the predictions (mmbench's GENERATION_ARGS, every data file and --dataset)."""
     values = {k: vars(args).get(k) for k in GENERATION_ARGS}
@@ -112,15 +81,18 @@ def generation_args(args) -> dict:
     return values
 
 
-def evaluate_one(generator, one: Loaded, run_dir: Path, args) -> list[dict] | None:
-    """Answer one benchmark's missing rows in run_dir/<stem>/, then (rank 0) score it: its summary lines."""
+def evaluate_one(generator, one: Loaded, run_dir: Path, batch_size: int, max_new_tokens: int | None = None,
+                 lockstep: bool = False) -> list[dict] | None:
+    """Answer one benchmark's missing rows in run_dir/<stem>/, then (rank 0) score it: its summary lines.
+
+    `max_new_tokens`: --max-new-tokens (None: the kind's); `lockstep`: the runner's, for a partitioned model."""
     out_dir = run_dir / one.stem
     out_dir.mkdir(exist_ok=True)
-    max_new = one.max_new_tokens(args.max_new_tokens)
+    max_new = one.max_new_tokens(max_new_tokens)
     if rank_and_world()[0] == 0:
         write_prompts(one, max_new, out_dir / "prompts.jsonl")
-    return run(generator, items(generator, one, max_new), out_dir, args.batch_size,
-               lambda predictions: finish(one, predictions, out_dir), desc=one.stem)
+    return run(generator, items(generator, one, max_new), out_dir, batch_size,
+               lambda predictions: finish(one, predictions, out_dir), desc=one.stem, lockstep=lockstep)
 
 
 def items(generator, one: Loaded, max_new_tokens: int) -> list[Item]:

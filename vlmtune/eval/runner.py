@@ -14,6 +14,13 @@ writes reports. The runner does the rest:
 Re-running a killed run generates only the rows missing from its logs. Under torchrun (launched by
 vlmtune.cli) rank r answers image groups r, r+N, ... into predictions.rank{r}.jsonl; the ranks wait for each
 other at the barriers of vlmtune/distributed.py (join with `init_gloo(BARRIER_TIMEOUT)`).
+
+`lockstep` is for a model whose weights are partitioned over the ranks (ZeRO-3 during training,
+eval/in_training.py): there every module's forward gathers its weights in a collective, so every rank must run
+the same forward passes. Each rank then runs as many batches as the rank with the most (a rank out of rows
+repeats the first item and drops the answer), each batch through `generate_ids` (one image encoding, one
+embedding; not `generate_shared`, whose prefills per group differ between ranks) with transformers'
+`synced_gpus`, which keeps decoding until every rank's batch is done.
 """
 from __future__ import annotations
 
@@ -25,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vlmtune.distributed import barrier, broadcast_from_main, rank_and_world
+from vlmtune.distributed import all_reduce_sum, barrier, broadcast_from_main, rank_and_world
 from vlmtune.errors import UserError
 
 # a rank done with its share waits at the last barrier for the slowest: a long evaluation must not time it out
@@ -55,10 +63,11 @@ class Item:
 
 
 def run(generator, items: list[Item], run_dir: Path, batch_size: int, finish: Callable[[dict[int | str, str]], T],
-        desc: str = "eval") -> T | None:
+        desc: str = "eval", lockstep: bool = False) -> T | None:
     """Answer this rank's items not yet in run_dir's logs, then (rank 0) return finish(every prediction by id).
 
-    None on the other ranks. `desc` names the progress bar (shown on rank 0).
+    None on the other ranks. `desc` names the progress bar (shown on rank 0); `lockstep`: every rank runs the
+    same forward passes (a partitioned model, see the module's docstring).
     """
     rank, world = rank_and_world()
     log = run_dir / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
@@ -68,7 +77,8 @@ def run(generator, items: list[Item], run_dir: Path, batch_size: int, finish: Ca
         todo = [item for item in shard(items, rank, world) if item.id not in done]
         if rank == 0 and done:
             print(f"resuming {run_dir}: {len(done)} of {len(items)} rows already predicted")
-        predict(generator, todo, store, batch_size, progress=rank == 0, desc=desc)
+        predict(generator, todo, store, batch_size, progress=rank == 0, desc=desc,
+                filler=items[0] if lockstep and items else None)
     barrier()
     if rank != 0:
         return None
@@ -76,24 +86,51 @@ def run(generator, items: list[Item], run_dir: Path, batch_size: int, finish: Ca
 
 
 def predict(generator, items: list[Item], store: PredictionStore, batch_size: int, progress: bool = True,
-            desc: str = "eval") -> None:
+            desc: str = "eval", filler: Item | None = None) -> None:
     """Greedy answers for `items`, at most `batch_size` at a time, each logged as soon as it exists.
 
     Groups run longest first: the first batch holds the longest rows, so its KV cache (rows x length, the bulk
     of the memory; prefixes are prefilled one group at a time) is about the largest, and a batch too large for
     memory fails at once rather than at the end. A batch generates up to its largest `max_new_tokens`; each
     answer is cut to its own item's (greedy: the same first tokens).
+
+    With a `filler` item (lockstep, see the module's docstring) every rank runs as many batches as the rank with
+    the most, the missing ones made of the filler, whose answers are dropped.
     """
+    planned = list(batches(image_groups(items), batch_size))
+    rounds = len(planned)
+    if filler is not None:
+        rank, world = rank_and_world()
+        counts = torch.zeros(world, dtype=torch.long)
+        counts[rank] = rounds
+        rounds = int(all_reduce_sum(counts).max())
     with tqdm(total=len(items), desc=desc, unit="row", disable=not progress) as bar:
-        for batch in batches(image_groups(items), batch_size):
-            out = generator.generate_shared(
-                [(group[0].images(), [item.prompt_ids for item in group]) for group in batch],
-                max_new_tokens=max(item.max_new_tokens for group in batch for item in group),
-                do_sample=False, num_beams=1)
+        for i in range(rounds):
+            batch = planned[i] if i < len(planned) else [[filler]]
+            out = _generate(generator, batch, lockstep=filler is not None)
+            if i >= len(planned):
+                continue
             for group, answers in zip(batch, out):
                 for item, ids in zip(group, answers):
                     store.add(item.id, generator.decode(ids[: item.max_new_tokens]))
             bar.update(sum(len(g) for g in batch))
+
+
+def _generate(generator, batch: list[list[Item]], lockstep: bool) -> list[list[list[int]]]:
+    """New ids per item, per group of `batch`: `generate_shared`, or in lockstep one `generate_ids` call (the same
+    forward passes on every rank: one image encoding, one embedding, decoding synced over ranks)."""
+    groups = [(group[0].images(), [item.prompt_ids for item in group]) for group in batch]
+    max_new = max(item.max_new_tokens for group in batch for item in group)
+    if not lockstep:
+        return generator.generate_shared(groups, max_new_tokens=max_new, do_sample=False, num_beams=1)
+    flat = generator.generate_ids([p for _, prompts in groups for p in prompts],
+                                  [images for images, prompts in groups for _ in prompts],
+                                  max_new_tokens=max_new, do_sample=False, num_beams=1, synced_gpus=True)
+    out, start = [], 0
+    for _, prompts in groups:
+        out.append(flat[start : start + len(prompts)])
+        start += len(prompts)
+    return out
 
 
 def shard(items: list[Item], rank: int, world: int) -> list[Item]:
