@@ -21,10 +21,12 @@ from vlmtune.data.sampler import BatchSampler, PackedBatchSampler
 from vlmtune.data.templates import get_template
 from vlmtune.distributed import DistInfo, destroy_distributed, init_distributed
 from vlmtune.engine import checkpoint
-from vlmtune.engine.deepspeed_config import deepspeed_config
+from vlmtune.engine.deepspeed_config import deepspeed_config, zero_stage
 from vlmtune.engine.metrics import get_logger
 from vlmtune.engine.trainer import TrainState, fit, lr_lambda
 from vlmtune.errors import UserError
+from vlmtune.eval.benchmarks import load_benchmarks
+from vlmtune.eval.in_training import BenchmarkEval
 from vlmtune.inference import Generator
 from vlmtune.model.build import build_model, load_tokenizer, resolve_dtype
 from vlmtune.model.vision import load_image_processor
@@ -63,6 +65,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
 
     # read a previous stage's weights first: a bad or hostile file stops the run before anything is built
     pretrained = load_trained_weights(cfg.train.pretrained_pth)[0] if cfg.train.pretrained_pth else None
+    benchmarks = load_benchmarks(cfg)  # evaluation_benchmarks, checked before the model (as before torchrun)
     tokenizer = load_tokenizer(cfg.model.llm_name_or_path, cfg.model.trust_remote_code)
     preprocess = ImagePreprocessor(load_image_processor(cfg.model.visual_encoder_name_or_path), cfg.data.pad_image_to_square,
                                    cfg.data.image_preprocess, cfg.model.image_grid_pinpoints)
@@ -100,7 +103,10 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     elif resume == "auto":
         logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
 
-    evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, logger)
+    scorer = None
+    if benchmarks:  # ZeRO-3 partitions the weights over the ranks: they must run the same forward passes
+        scorer = BenchmarkEval(benchmarks, work_dir, lockstep=zero_stage(deepspeed_name) == 3 and info.world_size > 1)
+    evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, scorer, logger)
     state = fit(engine, loader, sampler, cfg, info, work_dir, state, total_steps, model.image_lengths, evaluate, logger)
     logger.info(f"done: {state.step} steps, {state.samples_seen} samples, {state.skipped} skipped; checkpoints in {work_dir}")
     return state
@@ -149,23 +155,29 @@ def _load_pretrained(model, state_dict: dict, path: str, logger) -> None:
                 f"{len(uncovered)} trainable tensors start fresh (e.g. LoRA)" if uncovered else f"pretrained_pth {path}: loaded {len(state_dict)} tensors")
 
 
-def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, logger):
-    """XTuner's EvaluateChatHook: answers for evaluation_images x evaluation_inputs, logged. Runs on every
-    rank (ZeRO-3 needs all ranks in each forward); rank 0 logs."""
-    if not cfg.train.evaluation_inputs:
+def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, scorer: BenchmarkEval | None, logger):
+    """XTuner's EvaluateChatHook (answers for evaluation_images x evaluation_inputs, logged) and the
+    evaluation_benchmarks subsets (`scorer`, eval/in_training.py), both through one Generator on every rank
+    (ZeRO-3 needs all ranks in each forward); rank 0 logs. The function returns the benchmarks' headline numbers
+    (eval/summary.py rows; on rank 0) for the trainer to record; None without anything to evaluate."""
+    if not cfg.train.evaluation_inputs and scorer is None:
         return None
     try:
-        images = [load_image(p) for p in cfg.train.evaluation_images] or [None]
+        images = [load_image(p) for p in cfg.train.evaluation_images if cfg.train.evaluation_inputs] or [None]
     except RecordError as e:
         raise UserError(f"{cfg.path}: evaluation_images: {e.detail}; fix the path or set evaluation_images = []") from None
     generator = Generator(model, tokenizer, get_template(cfg.data.prompt_template), preprocess, image_length, cfg.data.system)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> list[dict]:
         model.eval()
         for image_path, image in zip(cfg.train.evaluation_images or ["(no image)"], images):
             for question in cfg.train.evaluation_inputs:
                 answer = generator.answer(question, image, max_new_tokens=cfg.train.evaluation_max_new_tokens)
                 logger.info(f"eval step {step} | {Path(image_path).name} | {question!r} -> {answer!r}")
+        scores = scorer(generator, step) if scorer is not None else []
+        for row in scores:
+            logger.info(f"eval step {step} | {row['benchmark']} {row['metric']} = {row['value']:.4f} (of {row['full']:g})")
         model.train()
+        return scores
 
     return evaluate

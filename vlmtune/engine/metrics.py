@@ -62,6 +62,21 @@ class Metrics:
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
+    def log_scores(self, step: int, rows: list[dict]) -> None:
+        """Append the benchmarks' headline numbers at `step` (eval/summary.py rows) as one record
+        {"step", "scores": {"<benchmark> <metric>": value}, "percent": {... of the metric's full scale}}; tensorboard
+        gets eval/<benchmark>/<metric>."""
+        if not self.is_main:
+            return
+        record = {"time": time.time(), "step": step,
+                  "scores": {f"{r['benchmark']} {r['metric']}": r["value"] for r in rows},
+                  "percent": {f"{r['benchmark']} {r['metric']}": r["percent"] for r in rows}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for r in rows:
+                self.tb.add_scalar(f"eval/{r['benchmark']}/{r['metric']}", r["value"], step)
+
     def close(self) -> Path | None:
         """Flush files and write loss_curve.png from every record of this run and earlier (resumed) ones."""
         if not self.is_main:
@@ -73,7 +88,8 @@ class Metrics:
 
 
 def plot_loss(jsonl: Path, png: Path) -> Path | None:
-    """Loss (and learning rate) against step from a train_log.jsonl."""
+    """Loss (and learning rate) against step from a train_log.jsonl; beside it, when the run scored
+    evaluation_benchmarks, each headline number (in % of its full scale) against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,8 +99,12 @@ def plot_loss(jsonl: Path, png: Path) -> Path | None:
     by_step = {r["step"]: r for r in rows if "loss" in r}  # a resumed run rewrites steps: keep the latest
     if not by_step:
         return None
+    scores = {r["step"]: r["percent"] for r in rows if "percent" in r}
     steps = sorted(by_step)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if scores:
+        _plot_scores(axes[0][1], scores)
     ax.plot(steps, [by_step[s]["loss"] for s in steps], color="tab:blue", label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
@@ -96,3 +116,16 @@ def plot_loss(jsonl: Path, png: Path) -> Path | None:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def _plot_scores(ax, scores: dict[int, dict[str, float]]) -> None:
+    """One line per headline number: its % of full scale at each evaluated step (latest record of a step)."""
+    steps = sorted(scores)
+    names = sorted({name for s in steps for name in scores[s]})
+    for name in names:
+        at = [s for s in steps if name in scores[s]]
+        ax.plot(at, [scores[s][name] for s in at], marker="o", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("% of the metric's full scale")
+    ax.set_title("evaluation_benchmarks")
+    ax.legend(fontsize=7)

@@ -12,12 +12,15 @@ step needs N for the whole step on every rank, before the step's later micro-bat
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -125,7 +128,10 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
                 metrics.log(record)
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
             if evaluate is not None and (state.step % tc.evaluation_freq == 0 or state.step == total_steps):
-                evaluate(state.step)
+                with preserved_rng(info.device):  # the run's dropout masks are those of a run without evaluation
+                    scores = evaluate(state.step)
+                if scores:
+                    metrics.log_scores(state.step, scores)
             if state.step % tc.save_steps == 0 or state.step == total_steps:
                 path = checkpoint.save_checkpoint(engine, engine.module, work_dir, state.step, state.__dict__, cfg, info, tc.save_total_limit)
                 logger.info(f"saved {path}")
@@ -135,6 +141,22 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
     if plot is not None:
         logger.info(f"loss curve: {plot}")
     return state
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Python's, numpy's and torch's global RNG states (and the GPU's) as they were before the block: what runs in
+    it (evaluation) draws nothing the training would have drawn. The dataloader has its own generator."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _to(value, device):
