@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from bench_tsv import YORN_COLUMNS, yorn_rows
 from mmbench_tsv import write_tsv
 from test_train import (WEIGHT_RTOL, assert_none_left, assert_ok, max_rel_diff, resumed_step, run_train, train_cmd,
@@ -115,7 +116,8 @@ def test_one_rank_logs_scores_at_the_evaluation_steps_equal_to_vlmtune_eval(tiny
     assert sorted(logged_scores(one_rank)) == [2, 4]
     log = (one_rank / "train.log").read_text()
     assert "eval step 2 | heldout_mmbench Overall (circular) = " in log and "eval step 4 | MME perception = " in log
-    assert (one_rank / "loss_curve.png").stat().st_size > 0
+    with Image.open(one_rank / "loss_curve.png") as plot:  # 13 x 4 in at 100 dpi: the score panel beside the loss
+        assert plot.size == (1300, 400)
     summary = json.loads((one_rank / "eval" / "iter_4" / "summary.json").read_text())["results"]
     assert {r["benchmark"] for r in summary} == set(ROWS)
     assert_same_as_vlmtune_eval(one_rank, 2, vlmtune_eval(tiny, bench, one_rank / "iter_2.pth", tmp_path))
@@ -127,6 +129,8 @@ def test_evaluation_leaves_the_trained_weights_alone(one_rank, one_rank_plain):
     for step in (3, 4):
         assert max_rel_diff(weights(one_rank, step), weights(one_rank_plain, step)) == 0.0
     assert not (one_rank_plain / "eval").exists()
+    with Image.open(one_rank_plain / "loss_curve.png") as plot:  # no scores: the loss alone, 7 x 4 in
+        assert plot.size == (700, 400)
 
 
 def test_two_ranks_under_zero3_score_sharded_as_vlmtune_eval_does(tiny, bench, zero3, tmp_path):
