@@ -204,6 +204,13 @@ def _launch(args, argv: list[str]) -> int | None:
         cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
         check_config_paths(cfg)
         check_stage(cfg.model, args.deepspeed)
+        if args.resume:  # a global batch the new number of ranks cannot keep: one line, before torchrun
+            from vlmtune.engine.checkpoint import find_resume, resume_accumulation
+            from vlmtune.launch import launch_world_size
+
+            resume_from = find_resume(cfg.work_dir(args.work_dir), args.resume)
+            if resume_from is not None:
+                resume_accumulation(resume_from, cfg, launch_world_size())
     elif args.command == "mmbench" and not args.predictions:  # re-scoring --predictions is one process
         from vlmtune.eval.mmbench import check_args
 

@@ -99,6 +99,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 2
     logging_interval: int = 10
+    record_sample_ids: bool = False  # every step's sample ids to work_dir/sample_ids.jsonl (audit the data order)
     seed: int = 42
     pretrained_pth: str | None = None
     evaluation_freq: int = 500
@@ -119,6 +120,15 @@ class Config:
     name: str
     path: str
     text: str
+
+    @property
+    def micro_batch(self) -> int:
+        """What one rank's micro-batch holds: batch_size samples, or one pack with pack_to_max_length."""
+        return 1 if self.data.pack_to_max_length else self.train.batch_size
+
+    def work_dir(self, given: str | None) -> Path:
+        """The run's work dir: `--work-dir`, else ./work_dirs/<config name> (XTuner's default)."""
+        return Path(given or Path("work_dirs") / self.name)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

@@ -97,6 +97,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def gather_lists(items: list) -> list:
+    """The concatenation, in rank order, of every rank's `items` (picklable), on every rank."""
+    if rank_and_world()[1] == 1:
+        return list(items)
+    gathered = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
 def broadcast_from_main(value):
     """Rank 0's `value` (any picklable object) on every rank; `value` itself without a group."""
     if rank_and_world()[1] == 1:

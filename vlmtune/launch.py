@@ -35,6 +35,16 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     ]
 
 
+def launch_world_size() -> int:
+    """How many ranks the launch will start: NPROC_PER_NODE x NNODES for torchrun, SLURM_NTASKS under srun, else 1."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_NTASKS"])
+    return int(env.get("NPROC_PER_NODE") or 1) * int(env.get("NNODES") or 1)
+
+
 def free_port() -> int:
     """An unused local TCP port."""
     with socket.socket() as s:

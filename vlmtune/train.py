@@ -39,7 +39,7 @@ def main(args) -> int:
     if args.seed is not None:
         options["seed"] = args.seed
     cfg = load_config(args.config, options)
-    work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name)
+    work_dir = cfg.work_dir(args.work_dir)
     train(cfg, work_dir, args.deepspeed, args.resume)
     return 0
 
@@ -80,6 +80,12 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
                                     model.anyres)
     logger.info(f"data {cfg.data.data_path}: {report.summary()}")
     _preflight(cfg, report)
+    resume_from = checkpoint.find_resume(work_dir, resume) if resume else None
+    universal = None
+    if resume_from is not None:  # the checkpoint's global batch is kept, whatever the number of ranks now
+        cfg, saved_world = checkpoint.keep_global_batch(cfg, resume_from, info.world_size, logger)
+        if saved_world != info.world_size:
+            universal = checkpoint.universal_folder(resume_from, info)
     sampler, collate_fn = _batching(cfg, dataset, info)
     # The loader's own generator: starting an epoch then draws nothing from the global RNG (dropout), so a run
     # resumed mid-epoch sees the same dropout masks as an uninterrupted one.
@@ -89,17 +95,17 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
         persistent_workers=False, pin_memory=info.device.type == "cuda", generator=torch.Generator(),
     )
 
-    total_steps = cfg.train.max_steps or (cfg.train.max_epochs * len(sampler)) // cfg.train.accumulative_counts
+    total_steps = cfg.train.max_steps or cfg.train.max_epochs * sampler.steps_per_epoch()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio))
-    ds_config = deepspeed_config(deepspeed_name, cfg.train, resolve_dtype(cfg.model.torch_dtype), info.world_size, info.device)
+    ds_config = deepspeed_config(deepspeed_name, cfg.train, resolve_dtype(cfg.model.torch_dtype), info.world_size, info.device,
+                                 load_universal=universal is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     state = TrainState()
-    resume_from = checkpoint.find_resume(work_dir, resume) if resume else None
     if resume_from is not None:
-        state = TrainState(**checkpoint.load_resume_state(engine, resume_from, info))
-        logger.info(f"resumed from {resume_from} at step {state.step}")
+        state = TrainState(**checkpoint.load_resume_state(engine, resume_from, info, universal))
+        logger.info(f"resumed from {resume_from} at step {state.step}" + (f" ({universal.name})" if universal else ""))
     elif resume == "auto":
         logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
 
@@ -120,10 +126,11 @@ def _seed(seed: int) -> None:
 
 def _batching(cfg: Config, dataset, info: DistInfo):
     """(batch sampler, collate function): padded batches of `batch_size` samples, or with
-    `pack_to_max_length` one packed sequence of at most `max_packed_length` tokens per micro-batch."""
+    `pack_to_max_length` one packed sequence of at most `max_packed_length` tokens per micro-batch; both order
+    the epoch by optimizer-step batches (data/sampler.py)."""
     if not cfg.data.pack_to_max_length:
         sampler = BatchSampler(dataset.modality_lengths, cfg.train.batch_size, info.world_size, info.rank,
-                               cfg.train.seed, cfg.data.group_by_length)
+                               cfg.train.seed, cfg.data.group_by_length, cfg.train.accumulative_counts)
         return sampler, collate
     budget = cfg.data.max_packed_length or cfg.train.batch_size * cfg.data.max_length
     if budget < cfg.data.max_length:
@@ -132,7 +139,8 @@ def _batching(cfg: Config, dataset, info: DistInfo):
     if cfg.model.trust_remote_code:  # packing relies on transformers' own masking (model/llava.py)
         raise UserError(f"{cfg.path}: pack_to_max_length needs an LLM implemented in transformers, "
                         f"not remote code (trust_remote_code=True); set pack_to_max_length=False")
-    return PackedBatchSampler(dataset.modality_lengths, budget, info.world_size, info.rank, cfg.train.seed), collate_packed
+    return PackedBatchSampler(dataset.modality_lengths, budget, info.world_size, info.rank, cfg.train.seed,
+                              accumulative_counts=cfg.train.accumulative_counts), collate_packed
 
 
 def _preflight(cfg: Config, report) -> None:

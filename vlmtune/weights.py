@@ -82,13 +82,28 @@ def deepspeed_safe_load(path, map_location=None, **_) -> dict:
 
 
 class _SafeTorch:
-    """torch, as DeepSpeed's zero_to_fp32 module sees it while vlmtune reads a folder with it: every `load`
-    goes through `deepspeed_safe_load` (zero_to_fp32 itself unpickles with weights_only=False)."""
+    """torch, as a DeepSpeed module sees it while vlmtune runs it (`safe_torch_load_in`): every `load` goes
+    through `deepspeed_safe_load` (DeepSpeed's checkpoint tools unpickle with weights_only=False)."""
 
     load = staticmethod(deepspeed_safe_load)
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def safe_torch_load_in(*modules):
+    """While the block runs, the `torch` that each of these DeepSpeed modules imported is `_SafeTorch`: their
+    torch.load calls read weights and DeepSpeed's plain data classes, and refuse anything else (a hostile
+    checkpoint cannot run code through DeepSpeed's zero_to_fp32, ds_to_universal or universal loader)."""
+    real = [m.torch for m in modules]
+    for m in modules:
+        m.torch = _SafeTorch()
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, real):
+            m.torch = t
 
 
 def read_weights_file(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_model")) -> dict[str, torch.Tensor]:
@@ -231,16 +246,14 @@ def _zero3_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     zero_to_fp32 with its torch.load routed to the weights-only loader."""
     from deepspeed.utils import zero_to_fp32
 
-    real, zero_to_fp32.torch = zero_to_fp32.torch, _SafeTorch()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # its progress lines: not part of a command's output
+        # its progress lines go to stderr: not part of a command's output
+        with safe_torch_load_in(zero_to_fp32), contextlib.redirect_stdout(sys.stderr):
             return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                                          exclude_frozen_parameters=True)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise UserError(f"{tag_dir}: not a complete ZeRO-3 checkpoint ({type(e).__name__}: {e}); convert the "
                         "matching iter_N.pth instead") from None
-    finally:
-        zero_to_fp32.torch = real
 
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:

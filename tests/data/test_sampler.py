@@ -101,3 +101,39 @@ def test_grouping_wastes_less_on_padding_than_a_shuffle():
     grouped = padded_fraction(lengths, epoch_batches(lengths, 16, 1, 0, group=True))
     shuffled = padded_fraction(lengths, epoch_batches(lengths, 16, 1, 0, group=False))
     assert grouped > 0.85 and grouped > shuffled + 0.25, (grouped, shuffled)
+
+
+def step_samples(sampler_of, world: int, accumulation: int, epoch: int = 0) -> list[list[int]]:
+    """Each optimizer step's samples over all ranks and micro-batches (sorted), for one split of the global batch."""
+    ranks = []
+    for rank in range(world):
+        sampler = sampler_of(world, rank, accumulation)
+        sampler.set_epoch(epoch)
+        ranks.append(list(sampler))
+    steps = len(ranks[0]) // accumulation
+    return [sorted(i for r in ranks for m in r[s * accumulation : (s + 1) * accumulation] for i in m) for s in range(steps)]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_a_step_trains_the_same_samples_however_the_global_batch_splits(group):
+    """The order is one of step batches of G = world x batch x accumulation: 8 ranks x 1, 4 x 2, 2 x 4 and
+    1 x 8 micro-batches of 2 samples give every step the same 16 samples (what a resume on other ranks needs)."""
+    lengths = mixed_lengths(101, 67)
+    make = lambda world, rank, acc: BatchSampler(lengths, 2, world, rank, seed=3, group_by_length=group, accumulative_counts=acc)
+    for epoch in (0, 1):
+        reference = step_samples(make, 8, 1, epoch)
+        assert len(reference) == -(-len(lengths) // 16) and all(len(s) == 16 for s in reference)
+        for world, acc in ((4, 2), (2, 4), (1, 8)):
+            assert step_samples(make, world, acc, epoch) == reference, (world, acc)
+    assert step_samples(make, 4, 1) != step_samples(make, 8, 1)  # another G is another order
+
+
+def test_packed_steps_take_the_same_packs_however_the_global_batch_splits():
+    from vlmtune.data.sampler import PackedBatchSampler
+
+    lengths = mixed_lengths(101, 67)
+    make = lambda world, rank, acc: PackedBatchSampler(lengths, 2048, world, rank, seed=3, accumulative_counts=acc)
+    reference = step_samples(make, 4, 1)
+    assert len(reference) == make(4, 0, 1).steps_per_epoch() > 3
+    for world, acc in ((2, 2), (1, 4)):
+        assert step_samples(make, world, acc) == reference

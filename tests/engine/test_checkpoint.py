@@ -148,3 +148,65 @@ def test_load_into_model_refuses_weights_of_another_model():
         load_into_model(model, {"projector.weight": torch.randn(4, 3), "projector.model.0.weight": torch.randn(4, 3)},
                         "pretrain.pth")
     assert torch.equal(model["projector"].weight, before)  # nothing copied from a file that does not fit
+
+
+# ---- the global batch a resume keeps on another number of ranks (engine/checkpoint.resume_accumulation) ----------
+
+def saved_by(tmp_path, ranks: int, global_batch: int | None):
+    """A checkpoint as `ranks` ranks leave it: one optimizer shard per rank; trainer_state with `global_batch`
+    (None: a checkpoint written before vlmtune recorded it)."""
+    pth = tmp_path / "iter_6.pth"
+    (tmp_path / "iter_6.ds" / DS_TAG).mkdir(parents=True)
+    for rank in range(ranks):
+        (tmp_path / "iter_6.ds" / DS_TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    state = {"step": 6} if global_batch is None else {"step": 6, "global_batch": global_batch}
+    torch.save({"format": FORMAT, "trainer_state": state}, pth)
+    return pth
+
+
+def tiny_cfg(tiny, **options):
+    return load_config("tiny_llava_task_finetune_lora", options)
+
+
+@pytest.mark.parametrize("ranks_now,batch,expected", [(1, 4, 4), (2, 4, 2), (4, 4, 1), (4, 2, 2), (8, 2, 1), (2, 1, 8)])
+def test_the_accumulation_keeps_the_saved_global_batch(tiny, tmp_path, ranks_now, batch, expected):
+    """16 samples per step saved on 2 ranks: world x batch x accumulation stays 16 on any split of it."""
+    from vlmtune.engine.checkpoint import resume_accumulation
+
+    pth = saved_by(tmp_path, 2, 16)
+    cfg = tiny_cfg(tiny, batch_size=batch, accumulative_counts=2)
+    assert resume_accumulation(pth, cfg, ranks_now) == (expected, 2)
+    assert ranks_now * batch * expected == 16
+
+
+def test_a_global_batch_the_new_ranks_cannot_make_names_what_would(tiny, tmp_path):
+    from vlmtune.engine.checkpoint import resume_accumulation
+
+    pth = saved_by(tmp_path, 2, 8)
+    with pytest.raises(UserError) as e:
+        resume_accumulation(pth, tiny_cfg(tiny, batch_size=4), 3)
+    line = str(e.value)
+    assert "\n" not in line and str(pth) in line and "global batch is 8 samples" in line and "saved on 2 rank(s)" in line
+    assert "resume on 1 or 2 rank(s)" in line and "batch_size" not in line  # 8 = 3 x b x a has no solution
+    with pytest.raises(UserError, match=r"cannot make: resume on 1 or 2 rank\(s\), or with --cfg-options batch_size=1 or 2$"):
+        resume_accumulation(pth, tiny_cfg(tiny, batch_size=4), 4)  # 8 on 4 ranks: batch 1 or 2
+    with pytest.raises(UserError, match=r"cannot make: resume with --cfg-options batch_size=1 or 2$"):
+        resume_accumulation(pth, tiny_cfg(tiny, batch_size=3), 4)  # no number of ranks x 3 makes 8
+    with pytest.raises(UserError, match=r"global batch is 8 packs .*: resume on 1 or 2 or 4 or 8 rank\(s\)$"):
+        resume_accumulation(pth, tiny_cfg(tiny, pack_to_max_length=True), 3)
+
+
+def test_a_checkpoint_without_the_record_had_the_configs_global_batch(tiny, tmp_path):
+    """Checkpoints from before the global_batch record: G = the ranks that saved it x batch x accumulation."""
+    from vlmtune.engine.checkpoint import resume_accumulation
+
+    pth = saved_by(tmp_path, 4, None)
+    assert resume_accumulation(pth, tiny_cfg(tiny, batch_size=2, accumulative_counts=3), 2) == (6, 4)
+
+
+def test_a_folder_without_optimizer_shards_is_one_line(tiny, tmp_path):
+    from vlmtune.engine.checkpoint import resume_accumulation
+
+    pth = saved_by(tmp_path, 0, 8)
+    with pytest.raises(UserError, match="holds no ZeRO optimizer shard"):
+        resume_accumulation(pth, tiny_cfg(tiny), 1)

@@ -23,7 +23,7 @@ def main(args) -> int:
     from vlmtune.config import load_config, parse_cfg_options
 
     cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
-    work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name)
+    work_dir = cfg.work_dir(args.work_dir)
     dataset, tokenizer, settings = _training_dataset(cfg, work_dir)
     marks = COLOURS if _colour(args.color) else PLAIN
     for index in args.index or [0]:

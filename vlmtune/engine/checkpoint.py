@@ -9,12 +9,22 @@ The .ds folder is written first under a temporary name and renamed; iter_N.pth i
 temporary file and os.replace, so a crash mid-save never leaves a file that looks valid. Everything is read
 with torch.load(weights_only=True) (vlmtune/weights.py reads iter_N.pth for convert and pretrained_pth):
 a .pth from the internet cannot run code here.
+
+Resuming on another number of ranks (an 8-GPU job back on 4): the global batch G (trainer_state) is kept by
+rescaling accumulative_counts (`keep_global_batch`), so the sampler's order of step batches, the LR schedule
+and the samples already seen carry over; the optimizer state, sharded over the old ranks, is re-sharded by
+DeepSpeed's universal checkpoint (`universal_folder`: ds_to_universal, run once by rank 0 into
+iter_N.universal/, its torch.load calls routed through the weights-only loader).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +33,7 @@ from vlmtune.config import Config
 from vlmtune.convert import keymaps
 from vlmtune.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
-from vlmtune.weights import DS_TAG, FORMAT, deepspeed_safe_load, rename, safe_load
+from vlmtune.weights import DS_TAG, FORMAT, deepspeed_safe_load, rename, safe_load, safe_torch_load_in
 
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -53,6 +63,7 @@ def save_checkpoint(engine, model, work_dir: Path, step: int, trainer_state: dic
     barrier()
     if info.is_main:
         pth.unlink(missing_ok=True)  # an older run's iter_<step>.pth must not outlive the .ds folder replaced here
+        shutil.rmtree(pth.with_suffix(".universal"), ignore_errors=True)  # nor its universal conversion
         if ds_dir.exists():
             shutil.rmtree(ds_dir)
         os.replace(tmp_dir, ds_dir)
@@ -72,7 +83,8 @@ def rotate(work_dir: Path, keep: int) -> None:
         return
     for step in checkpoint_steps(work_dir)[:-keep]:
         (work_dir / f"iter_{step}.pth").unlink(missing_ok=True)
-        shutil.rmtree(work_dir / f"iter_{step}.ds", ignore_errors=True)
+        for folder in (".ds", ".universal"):
+            shutil.rmtree(work_dir / f"iter_{step}{folder}", ignore_errors=True)
 
 
 def checkpoint_steps(work_dir: Path) -> list[int]:
@@ -93,18 +105,96 @@ def find_resume(work_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_resume_state(engine, pth: Path, info: DistInfo) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; return trainer_state."""
-    ds_dir = pth.with_suffix(".ds")
-    if not (ds_dir / DS_TAG).is_dir():
-        raise UserError(f"{pth}: its DeepSpeed folder {ds_dir} is missing, so optimizer state cannot be resumed")
-    # DeepSpeed's own loader unpickles its shards with weights_only=False; read them the safe way instead
+def read_trainer_state(pth: Path) -> dict:
+    """The trainer_state of a checkpoint (TrainState fields), checking its DeepSpeed folder is there."""
+    if not (pth.with_suffix(".ds") / DS_TAG).is_dir():
+        raise UserError(f"{pth}: its DeepSpeed folder {pth.with_suffix('.ds')} is missing, so optimizer state cannot be resumed")
+    return safe_load(pth)["trainer_state"]
+
+
+def saved_world_size(pth: Path) -> int:
+    """How many ranks wrote the DeepSpeed folder of `pth` (one optimizer shard each)."""
+    shards = len(list((pth.with_suffix(".ds") / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+    if not shards:
+        raise UserError(f"{pth}: {pth.with_suffix('.ds') / DS_TAG} holds no ZeRO optimizer shard "
+                        "(*zero_pp_rank_*_optim_states.pt), so the run cannot be resumed from it; resume an earlier checkpoint")
+    return shards
+
+
+def resume_accumulation(pth: Path, cfg: Config, world_size: int) -> tuple[int, int]:
+    """(accumulative_counts that makes world_size x micro-batch x accumulative_counts the checkpoint's global batch
+    G, the number of ranks that saved it). A checkpoint older than the `global_batch` record had the config's own
+    G. Where no whole accumulative_counts gives G, one line lists the numbers of ranks and batch sizes that would."""
+    saved, saved_world, per_rank = read_trainer_state(pth), saved_world_size(pth), cfg.micro_batch
+    g = saved.get("global_batch") or saved_world * per_rank * cfg.train.accumulative_counts
+    accumulation, rest = divmod(g, world_size * per_rank)
+    if rest or not accumulation:
+        worlds = [w for w in range(1, g + 1) if g % (w * per_rank) == 0]
+        sizes = [b for b in range(1, g + 1) if g % (world_size * b) == 0]
+        fixes = [f"on {' or '.join(map(str, worlds))} rank(s)"] if worlds else []
+        if sizes and not cfg.data.pack_to_max_length:
+            fixes.append(f"with --cfg-options batch_size={' or '.join(map(str, sizes))}")
+        fix = "resume " + ", or ".join(fixes) if fixes else f"resume with ranks x batch_size dividing {g}"
+        raise UserError(f"--resume {pth}: its global batch is {g} {'packs' if cfg.data.pack_to_max_length else 'samples'} "
+                        f"(saved on {saved_world} rank(s)), which {world_size} rank(s) x {per_rank} per micro-batch x a whole "
+                        f"accumulative_counts cannot make: {fix}")
+    return accumulation, saved_world
+
+
+def keep_global_batch(cfg: Config, pth: Path, world_size: int, logger) -> tuple[Config, int]:
+    """(`cfg` with the accumulative_counts that keeps the checkpoint's global batch, said in the log when it changed;
+    the number of ranks that saved the checkpoint)."""
+    accumulation, saved_world = resume_accumulation(pth, cfg, world_size)
+    if accumulation != cfg.train.accumulative_counts:
+        logger.warning(f"--resume {pth.name}: {world_size} rank(s), the checkpoint had {saved_world}: accumulative_counts "
+                       f"{cfg.train.accumulative_counts} -> {accumulation} keeps its global batch")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, accumulative_counts=accumulation))
+    return cfg, saved_world
+
+
+def universal_folder(pth: Path, info: DistInfo) -> Path:
+    """iter_N.universal/: DeepSpeed's universal checkpoint of iter_N.ds (each parameter's fp32 weights and Adam
+    moments whole, so any number of ranks can re-shard them), written once by rank 0 through a temporary folder.
+    ds_to_universal's torch.load calls are routed through the weights-only loader."""
+    from deepspeed.checkpoint import deepspeed_checkpoint, ds_to_universal, zero_checkpoint
+
+    out = pth.with_suffix(".universal")
+    if info.is_main and not (out / DS_TAG / "zero").is_dir():
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(pth.with_suffix(".ds") / DS_TAG), output_folder=str(tmp / DS_TAG),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # plain data parallelism: no tensor-parallel patterns
+        try:
+            with safe_torch_load_in(ds_to_universal, deepspeed_checkpoint, zero_checkpoint), \
+                    contextlib.redirect_stdout(sys.stderr):  # its progress lines
+                ds_to_universal.main(args)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def load_resume_state(engine, pth: Path, info: DistInfo, universal: Path | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint (from its `universal`
+    conversion when the number of ranks changed); return trainer_state. A rank the checkpoint did not have
+    keeps its seeded RNG."""
+    from deepspeed.checkpoint import universal_checkpoint
+    from deepspeed.runtime import base_optimizer
+    from deepspeed.runtime.zero import stage3
+
+    ds_dir = universal or pth.with_suffix(".ds")
+    trainer_state = read_trainer_state(pth)
+    # DeepSpeed's own loaders unpickle with weights_only=False; read them the safe way instead
     engine.checkpoint_engine.load = deepspeed_safe_load
-    engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=False)
-    rng = ds_dir / DS_TAG / f"rng_rank{info.rank}.pt"
+    with safe_torch_load_in(universal_checkpoint, base_optimizer, stage3):
+        engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_module_strict=False)
+    rng = pth.with_suffix(".ds") / DS_TAG / f"rng_rank{info.rank}.pt"
     if rng.is_file():
         _set_rng_state(safe_load(rng))
-    return safe_load(pth)["trainer_state"]
+    return trainer_state
 
 
 def _rng_state() -> dict:

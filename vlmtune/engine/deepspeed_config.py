@@ -46,8 +46,10 @@ def check_stage(model: ModelConfig, name_or_path: str) -> None:
                         "(or deepspeed_zero2_offload), or quantization=None with ZeRO-3")
 
 
-def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, world_size: int, device: torch.device) -> dict:
-    """The DeepSpeed JSON with every value vlmtune owns filled in from the vlmtune config."""
+def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, world_size: int, device: torch.device,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON with every value vlmtune owns filled in from the vlmtune config; `load_universal`:
+    the resume reads a universal checkpoint (engine/checkpoint.py, a changed number of ranks)."""
     import torch
 
     path = resolve_deepspeed(name_or_path)
@@ -69,6 +71,8 @@ def deepspeed_config(name_or_path: str, train: TrainConfig, dtype: torch.dtype, 
         for key in ("offload_optimizer", "offload_param"):
             if isinstance(zero.get(key), dict) and zero[key].get("pin_memory"):
                 zero[key] = {**zero[key], "pin_memory": False}
+    if load_universal:
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == torch.float16}
     return cfg

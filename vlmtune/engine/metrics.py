@@ -62,6 +62,13 @@ class Metrics:
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
+    def log_sample_ids(self, step: int, ids: list) -> None:
+        """Append {"step", "ids"} to sample_ids.jsonl (`record_sample_ids`): which samples each optimizer step
+        trained on, to audit the data order (a resumed run appends; the latest line of a step wins)."""
+        if self.is_main:
+            with (self.work_dir / "sample_ids.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
     def log_scores(self, step: int, rows: list[dict]) -> None:
         """Append the benchmarks' headline numbers at `step` (eval/summary.py rows) as one record
         {"step", "scores": {"<benchmark> <metric>": value}, "percent": {... of the metric's full scale}}; tensorboard

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vlmtune.config import Config
 from vlmtune.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from vlmtune.distributed import DistInfo, all_reduce_sum
+from vlmtune.distributed import DistInfo, all_reduce_sum, gather_lists
 from vlmtune.engine import checkpoint
 from vlmtune.engine.metrics import Metrics
 from vlmtune.errors import UserError
@@ -43,6 +43,7 @@ class TrainState:
     samples_seen: int = 0
     skipped: int = 0
     skipped_log: list = field(default_factory=list)
+    global_batch: int = 0  # samples (or packs) per optimizer step: what a resume on another number of ranks keeps
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -92,6 +93,7 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
     if total_steps <= 0:
         raise UserError(f"nothing to train: {len(sampler)} micro-batches per epoch, accumulative_counts={tc.accumulative_counts}")
     stream = micro_batches(loader, sampler, state.step * tc.accumulative_counts)
+    state.global_batch = sampler.step_batch
     metrics = Metrics(work_dir, info.is_main)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "samples": 0, "time": time.time(), "steps": 0}
@@ -114,6 +116,8 @@ def fit(engine, loader, sampler, cfg: Config, info: DistInfo, work_dir: Path, st
                 loss_sum += out_sum.detach().double().cpu()
             state.step += 1
             state.samples_seen += n_samples
+            if tc.record_sample_ids:  # the step's sample ids of all ranks, in rank order
+                metrics.log_sample_ids(state.step, gather_lists([i for _, b in batches for i in b["ids"]]))
             _account_skipped(state, skipped, n_skipped, total_steps, cfg, logger)
             window["loss"] += float(all_reduce_sum(loss_sum))
             window["targets"] += n_targets
