@@ -210,3 +210,5 @@ def test_a_folder_without_optimizer_shards_is_one_line(tiny, tmp_path):
     pth = saved_by(tmp_path, 0, 8)
     with pytest.raises(UserError, match="holds no ZeRO optimizer shard"):
         resume_accumulation(pth, tiny_cfg(tiny), 1)
+    (tmp_path / "iter_6.ds" / DS_TAG / "mp_rank_00_model_states.pt").write_bytes(b"")  # no ZeRO: state kept whole
+    assert resume_accumulation(pth, tiny_cfg(tiny, batch_size=2), 2) == (2, None)

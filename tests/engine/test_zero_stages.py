@@ -195,8 +195,8 @@ def test_a_run_resumed_on_another_number_of_ranks_ends_where_the_uninterrupted_o
     ours, theirs = weights(work_dir, 4), weights(reference, 4)
     noise = [k for k in theirs if k.endswith(ZERO_GRADIENT)]
     assert all(max(ours[k].abs().max(), theirs[k].abs().max()) < 1e-3 for k in noise)
-    ours, theirs = ({k: v for k, v in w.items() if k not in noise} for w in (ours, theirs))
-    assert max_rel_diff(theirs, weights(reference, 2)) > 1e-3  # steps 3 and 4 moved the weights
+    ours, theirs, saved = ({k: v for k, v in w.items() if k not in noise} for w in (ours, theirs, weights(reference, 2)))
+    assert max_rel_diff(theirs, saved) > 1e-3  # steps 3 and 4 moved the weights
     diff = max_rel_diff(ours, theirs)
     print(f"\n{stage} {recipe} {before} -> {after} ranks: max relative difference {diff:.2e}")
     assert diff <= WORLD_RTOL
@@ -228,8 +228,9 @@ def test_the_universal_conversion_reads_every_file_weights_only(trained, tmp_pat
                                                              f"deepspeed_{stage}", "--resume", "auto")[3:]]
     assert_ok(subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT))
     read = {path: weights_only for path, weights_only in json.loads(calls.read_text())}
+    # not read on 1 rank: the old rank 1's RNG, and (ZeRO-3) its model-states file copied into the universal folder
     files = {str(p) for folder in ("iter_2.ds", "iter_2.universal") for p in (work_dir / folder).rglob("*.pt")
-             if p.name != "rng_rank1.pt"}  # the RNG of a rank this run does not have
+             if p.name != "rng_rank1.pt" and not (folder == "iter_2.universal" and "zero_pp_rank_1_" in p.name)}
     assert len(files) > 20 and files <= set(read), sorted(files - set(read))[:5]
     assert all(read[f] is True for f in files)
 

@@ -33,7 +33,7 @@ from vlmtune.config import Config
 from vlmtune.convert import keymaps
 from vlmtune.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
-from vlmtune.weights import DS_TAG, FORMAT, deepspeed_safe_load, rename, safe_load, safe_torch_load_in
+from vlmtune.weights import DS_TAG, FORMAT, MODEL_STATES, deepspeed_safe_load, rename, safe_load, safe_torch_load_in
 
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -112,9 +112,14 @@ def read_trainer_state(pth: Path) -> dict:
     return safe_load(pth)["trainer_state"]
 
 
-def saved_world_size(pth: Path) -> int:
-    """How many ranks wrote the DeepSpeed folder of `pth` (one optimizer shard each)."""
-    shards = len(list((pth.with_suffix(".ds") / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+def saved_world_size(pth: Path) -> int | None:
+    """How many ranks wrote the DeepSpeed folder of `pth` (one ZeRO optimizer shard each); None for a run without
+    ZeRO (a DeepSpeed JSON of stage 0), whose optimizer state is whole in the model-states file: any number of
+    ranks loads it."""
+    folder = pth.with_suffix(".ds") / DS_TAG
+    shards = len(list(folder.glob("*zero_pp_rank_*_optim_states.pt")))
+    if not shards and (folder / MODEL_STATES).is_file():
+        return None
     if not shards:
         raise UserError(f"{pth}: {pth.with_suffix('.ds') / DS_TAG} holds no ZeRO optimizer shard "
                         "(*zero_pp_rank_*_optim_states.pt), so the run cannot be resumed from it; resume an earlier checkpoint")
@@ -126,7 +131,7 @@ def resume_accumulation(pth: Path, cfg: Config, world_size: int) -> tuple[int, i
     G, the number of ranks that saved it). A checkpoint older than the `global_batch` record had the config's own
     G. Where no whole accumulative_counts gives G, one line lists the numbers of ranks and batch sizes that would."""
     saved, saved_world, per_rank = read_trainer_state(pth), saved_world_size(pth), cfg.micro_batch
-    g = saved.get("global_batch") or saved_world * per_rank * cfg.train.accumulative_counts
+    g = saved.get("global_batch") or (saved_world or world_size) * per_rank * cfg.train.accumulative_counts
     accumulation, rest = divmod(g, world_size * per_rank)
     if rest or not accumulation:
         worlds = [w for w in range(1, g + 1) if g % (w * per_rank) == 0]
@@ -136,17 +141,17 @@ def resume_accumulation(pth: Path, cfg: Config, world_size: int) -> tuple[int, i
             fixes.append(f"with --cfg-options batch_size={' or '.join(map(str, sizes))}")
         fix = "resume " + ", or ".join(fixes) if fixes else f"resume with ranks x batch_size dividing {g}"
         raise UserError(f"--resume {pth}: its global batch is {g} {'packs' if cfg.data.pack_to_max_length else 'samples'} "
-                        f"(saved on {saved_world} rank(s)), which {world_size} rank(s) x {per_rank} per micro-batch x a whole "
+                        f"(saved on {saved_world or 'unknown'} rank(s)), which {world_size} rank(s) x {per_rank} per micro-batch x a whole "
                         f"accumulative_counts cannot make: {fix}")
     return accumulation, saved_world
 
 
-def keep_global_batch(cfg: Config, pth: Path, world_size: int, logger) -> tuple[Config, int]:
+def keep_global_batch(cfg: Config, pth: Path, world_size: int, logger) -> tuple[Config, int | None]:
     """(`cfg` with the accumulative_counts that keeps the checkpoint's global batch, said in the log when it changed;
     the number of ranks that saved the checkpoint)."""
     accumulation, saved_world = resume_accumulation(pth, cfg, world_size)
     if accumulation != cfg.train.accumulative_counts:
-        logger.warning(f"--resume {pth.name}: {world_size} rank(s), the checkpoint had {saved_world}: accumulative_counts "
+        logger.warning(f"--resume {pth.name}: {world_size} rank(s), the checkpoint had {saved_world or 'unknown'}: accumulative_counts "
                        f"{cfg.train.accumulative_counts} -> {accumulation} keeps its global batch")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, accumulative_counts=accumulation))
     return cfg, saved_world
