@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,15 @@ RECIPES = {  # --cfg-options over tiny_llava_finetune_lora: what trains
     "qlora": dict(quantization="4bit"),
 }
 STAGES = ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+
+
+def _grouped(other: dict[str, int]) -> dict[str, int]:
+    """Bytes of the unplanned tensors by name, indices folded (`accumulated_grads_in_cpu[17]` ->
+    `accumulated_grads_in_cpu[*] (n tensors)`), so a per-parameter buffer list is one entry."""
+    groups: dict[str, list[int]] = {}
+    for name, size in other.items():
+        groups.setdefault(re.sub(r"\[\d+\]", "[*]", name), []).append(size)
+    return {(f"{k} ({len(v)} tensors)" if len(v) > 1 else k): sum(v) for k, v in groups.items()}
 
 
 def make_models(root: Path) -> tuple[Path, Path]:
@@ -102,7 +112,7 @@ def main() -> None:
                     ratio = f"{got / want:.4f}" if want else ("-" if not got else "inf")
                     print(f"| {recipe} | {stage} | {plan['params']:,} / {plan['trained']:,} | {component} | "
                           f"{want / 2**20:.2f} | {got / 2**20:.2f} | {ratio} |", flush=True)
-                other = {k: v for r in ranks for k, v in r["other"].items()}
+                other = _grouped(max(ranks, key=lambda r: sum(r["other"].values()))["other"])
                 if other:
                     print(f"|  |  |  | other (not planned): {', '.join(f'{k} {v / 2**20:.3f}' for k, v in other.items())} |  |  |  |")
     print(_common.load())
