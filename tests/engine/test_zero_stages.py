@@ -243,3 +243,18 @@ def test_the_universal_conversion_reads_every_file_weights_only(trained, tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "refused to load" in errors[0] and shard.name in errors[0]
     assert not marker.exists() and not (hostile / "iter_2.universal").exists()
+
+
+@pytest.mark.slow  # two 6-step runs (~30 s); tests/model/test_llava.py checks the module order in CI
+def test_zero3_with_text_only_micro_batches_beside_image_ones_trains_as_zero2(tmp_path):
+    """Batch 1 without length grouping puts a text-only sample on one rank beside an image on the other (LoRA on
+    CLIP and the LLM, dropout on). Under ZeRO-3 this hung at the first such step while the blank image ran after
+    the embeddings; now every step's loss equals ZeRO-2's."""
+    options = dict(OPTIONS, max_steps=6, batch_size=1, save_steps=6, record_sample_ids=False)
+    for stage in ("zero2", "zero3"):
+        assert_ok(run_train("tiny_llava_finetune_lora", tmp_path / stage, options, "--deepspeed", f"deepspeed_{stage}",
+                            **two_ranks()))
+    zero2, zero3 = records(tmp_path / "zero2"), records(tmp_path / "zero3")
+    assert sorted(zero3) == list(range(1, 7))
+    for step in zero2:
+        assert zero3[step]["loss"] == pytest.approx(zero2[step]["loss"], rel=LOSS_RTOL), step

@@ -198,3 +198,31 @@ def test_text_only_batch_readies_the_same_gradients_in_the_same_order(tiny_model
         assert torch.count_nonzero(params[name].grad) == 0, name
     if lora:  # the LLM's adapter still learns from the text
         assert any(params[n].grad.abs().sum() > 0 for n in image_order if n.startswith("llm."))
+
+
+def forward_order(model, batch) -> list[str]:
+    """Names of the modules holding parameters, in the order a forward pass enters them (repeats folded):
+    the order ZeRO-3 gathers their partitioned weights in, on every rank together."""
+    order, handles = [], []
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
+    try:
+        model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n]
+
+
+def test_text_only_batch_runs_the_modules_in_the_image_batch_order(tiny_model_config, tiny_batch):
+    """Under ZeRO-3 a rank with a text-only micro-batch beside one with an image must enter the same modules in
+    the same order: each entry gathers that module's weights from all ranks. The blank image once ran after the
+    embeddings; a 2-rank ZeRO-3 LoRA finetune with batch 1 then hung at the first mixed step."""
+    model = build_model(tiny_model_config(llm_lora=dict(r=4), visual_encoder_lora=dict(r=4)))
+    image_batch = {k: tiny_batch[k][0:1] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+    text_batch = {k: tiny_batch[k][1:2] for k in ("input_ids", "attention_mask", "labels")}
+    image_order = forward_order(model, image_batch)
+    assert forward_order(model, text_batch) == image_order
+    first_llm = next(i for i, n in enumerate(image_order) if n.startswith("llm."))
+    assert image_order[0].startswith("visual_encoder.") and all(not n.startswith("llm.") for n in image_order[:first_llm])

@@ -124,10 +124,13 @@ class LlavaModel(nn.Module):
         """(sum of next-token losses, number of target tokens) for a right-padded batch, or a packed one
         when `segment_ids` is given (see the module docstring). `image_sizes` [N, 2]: the images' (height,
         width), which AnyRes needs (a fixed-size encoder does not)."""
+        # a text-only batch's blank image goes through the tower first, as an image batch's images do: under ZeRO-3
+        # every module's weights are gathered by all ranks together, so the ranks must run the modules in one order
+        blank = self._blank_image_term() if pixel_values is None or not len(pixel_values) else None
         inputs = self.prepare_inputs(input_ids, attention_mask, labels, pixel_values, segment_ids=segment_ids,
                                      image_sizes=image_sizes)
-        if pixel_values is None or not len(pixel_values):
-            inputs["inputs_embeds"] = inputs["inputs_embeds"] + self._blank_image_term()
+        if blank is not None:
+            inputs["inputs_embeds"] = inputs["inputs_embeds"] + blank
         # use_cache=False: no KV cache in a loss pass (transformers also ignores packing when a cache exists)
         llm_inputs = {"inputs_embeds": inputs["inputs_embeds"], "use_cache": False}
         if segment_ids is None:
@@ -153,11 +156,14 @@ class LlavaModel(nn.Module):
         in buckets filled in the order they become ready, so every rank must produce gradients for the same
         parameters in the same order. Without this, a rank with a text-only micro-batch next to one with images
         sends a different bucket: the all-reduce fails on a size mismatch or, when sizes happen to agree, adds
-        one parameter's gradient to another's. Frozen vision and projector (and AnyRes newline): nothing to do."""
+        one parameter's gradient to another's. ZeRO-3 (parameters partitioned: `ds_id`) needs the forward too,
+        even with the vision side frozen: each module's weights are gathered by every rank at once, so a rank that
+        skipped the tower would leave the others waiting in their gather. Frozen vision and projector (and AnyRes
+        newline) without ZeRO-3: nothing to do."""
         param = self.projector.first.weight
         image_params = [*self.visual_encoder.parameters(), *self.projector.parameters(),
                         *([self.image_newline] if self.anyres is not None else [])]
-        if not any(p.requires_grad for p in image_params):
+        if not hasattr(param, "ds_id") and not any(p.requires_grad for p in image_params):
             return torch.zeros((), dtype=param.dtype, device=param.device)
         size = self.visual_encoder.config.image_size
         if self.anyres is None:
