@@ -246,7 +246,7 @@ def test_the_universal_conversion_reads_every_file_weights_only(trained, tmp_pat
 
 
 @pytest.mark.slow  # two 6-step runs (~30 s); tests/model/test_llava.py checks the module order in CI
-def test_zero3_with_text_only_micro_batches_beside_image_ones_trains_as_zero2(tmp_path):
+def test_zero3_with_text_only_micro_batches_beside_image_ones_trains_as_zero2(tiny, tmp_path):
     """Batch 1 without length grouping puts a text-only sample on one rank beside an image on the other (LoRA on
     CLIP and the LLM, dropout on). Under ZeRO-3 this hung at the first such step while the blank image ran after
     the embeddings; now every step's loss equals ZeRO-2's."""
