@@ -109,10 +109,9 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     elif resume == "auto":
         logger.info(f"--resume auto: no checkpoint in {work_dir}, starting fresh")
 
-    scorer = None
-    if benchmarks:  # ZeRO-3 partitions the weights over the ranks: they must run the same forward passes
-        scorer = BenchmarkEval(benchmarks, work_dir, lockstep=zero_stage(deepspeed_name) == 3 and info.world_size > 1)
-    evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, scorer, logger)
+    lockstep = zero_stage(deepspeed_name) == 3 and info.world_size > 1  # weights partitioned: ranks generate together
+    scorer = BenchmarkEval(benchmarks, work_dir, lockstep) if benchmarks else None
+    evaluate = _evaluator(cfg, engine.module, tokenizer, preprocess, image_length, scorer, lockstep, logger)
     state = fit(engine, loader, sampler, cfg, info, work_dir, state, total_steps, model.image_lengths, evaluate, logger)
     logger.info(f"done: {state.step} steps, {state.samples_seen} samples, {state.skipped} skipped; checkpoints in {work_dir}")
     return state
@@ -163,10 +162,12 @@ def _load_pretrained(model, state_dict: dict, path: str, logger) -> None:
                 f"{len(uncovered)} trainable tensors start fresh (e.g. LoRA)" if uncovered else f"pretrained_pth {path}: loaded {len(state_dict)} tensors")
 
 
-def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, scorer: BenchmarkEval | None, logger):
+def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, scorer: BenchmarkEval | None,
+               lockstep: bool, logger):
     """XTuner's EvaluateChatHook (answers for evaluation_images x evaluation_inputs, logged) and the
     evaluation_benchmarks subsets (`scorer`, eval/in_training.py), both through one Generator on every rank
-    (ZeRO-3 needs all ranks in each forward); rank 0 logs. The function returns the benchmarks' headline numbers
+    (ZeRO-3 needs all ranks in each forward: `lockstep` makes a rank that finished its answer keep stepping with
+    the others, transformers' synced_gpus); rank 0 logs. The function returns the benchmarks' headline numbers
     (eval/summary.py rows; on rank 0) for the trainer to record; None without anything to evaluate."""
     if not cfg.train.evaluation_inputs and scorer is None:
         return None
@@ -180,7 +181,8 @@ def _evaluator(cfg: Config, model, tokenizer, preprocess, image_length: int, sco
         model.eval()
         for image_path, image in zip(cfg.train.evaluation_images or ["(no image)"], images):
             for question in cfg.train.evaluation_inputs:
-                answer = generator.answer(question, image, max_new_tokens=cfg.train.evaluation_max_new_tokens)
+                answer = generator.answer(question, image, max_new_tokens=cfg.train.evaluation_max_new_tokens,
+                                          **({"synced_gpus": True} if lockstep else {}))
                 logger.info(f"eval step {step} | {Path(image_path).name} | {question!r} -> {answer!r}")
         scores = scorer(generator, step) if scorer is not None else []
         for row in scores:
