@@ -85,7 +85,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     if resume_from is not None:  # the checkpoint's global batch is kept, whatever the number of ranks now
         cfg, saved_world = checkpoint.keep_global_batch(cfg, resume_from, info.world_size, logger)
         if saved_world is not None and saved_world != info.world_size:  # ZeRO shards made for other ranks
-            universal = checkpoint.universal_folder(resume_from, info)
+            universal = checkpoint.universal_folder(resume_from, info, {n for n, _ in model.named_parameters()})
     sampler, collate_fn = _batching(cfg, dataset, info)
     # The loader's own generator: starting an epoch then draws nothing from the global RNG (dropout), so a run
     # resumed mid-epoch sees the same dropout masks as an uninterrupted one.

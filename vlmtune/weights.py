@@ -83,22 +83,24 @@ def deepspeed_safe_load(path, map_location=None, **_) -> dict:
 
 class _SafeTorch:
     """torch, as a DeepSpeed module sees it while vlmtune runs it (`safe_torch_load_in`): every `load` goes
-    through `deepspeed_safe_load` (DeepSpeed's checkpoint tools unpickle with weights_only=False)."""
+    through `load` (`deepspeed_safe_load` or a stricter reader built on it; DeepSpeed's checkpoint tools
+    unpickle with weights_only=False)."""
 
-    load = staticmethod(deepspeed_safe_load)
+    def __init__(self, load):
+        self.load = load
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
 
 @contextlib.contextmanager
-def safe_torch_load_in(*modules):
+def safe_torch_load_in(*modules, load=deepspeed_safe_load):
     """While the block runs, the `torch` that each of these DeepSpeed modules imported is `_SafeTorch`: their
     torch.load calls read weights and DeepSpeed's plain data classes, and refuse anything else (a hostile
     checkpoint cannot run code through DeepSpeed's zero_to_fp32, ds_to_universal or universal loader)."""
     real = [m.torch for m in modules]
     for m in modules:
-        m.torch = _SafeTorch()
+        m.torch = _SafeTorch(load)
     try:
         yield
     finally:

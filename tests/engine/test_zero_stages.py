@@ -219,7 +219,8 @@ def test_a_global_batch_the_new_ranks_cannot_keep_is_one_line_before_torchrun(tr
 def test_the_universal_conversion_reads_every_file_weights_only(trained, tmp_path, stage):
     """2 -> 1 ranks: every DeepSpeed file the resume reads (the ZeRO shards by ds_to_universal, the universal
     checkpoint by DeepSpeed's loader) is read with weights_only=True; a shard carrying code is refused in one
-    line and runs nothing."""
+    line and runs nothing; a file naming a parameter the model does not have ('../../escaped') is refused
+    before the converter makes a folder of it."""
     from test_resume_security import SPY, _WritesMarker
 
     reference = trained(stage, "lora")
@@ -243,6 +244,18 @@ def test_the_universal_conversion_reads_every_file_weights_only(trained, tmp_pat
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "refused to load" in errors[0] and shard.name in errors[0]
     assert not marker.exists() and not (hostile / "iter_2.universal").exists()
+
+    # a parameter named '../../escaped' would become a folder outside the conversion's own (one per name)
+    escape = moved(reference, tmp_path / "escape")
+    states = next((escape / "iter_2.ds" / "ckpt").glob("*model_states.pt"))
+    state = torch.load(states, weights_only=False)
+    shapes = state["param_shapes"][0]
+    state["param_shapes"][0] = {"../../escaped": shapes[next(iter(shapes))], **shapes}
+    torch.save(state, states)
+    proc = run_train(RECIPES["lora"], escape, OPTIONS, "--deepspeed", f"deepspeed_{stage}", "--resume", "auto")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmtune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "names parameters this model does not have" in errors[0]
+    assert "'../../escaped'" in errors[0] and not list(tmp_path.rglob("escaped"))
 
 
 @pytest.mark.slow  # two 6-step runs (~30 s); tests/model/test_llava.py checks the module order in CI

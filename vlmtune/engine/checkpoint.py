@@ -157,10 +157,12 @@ def keep_global_batch(cfg: Config, pth: Path, world_size: int, logger) -> tuple[
     return cfg, saved_world
 
 
-def universal_folder(pth: Path, info: DistInfo) -> Path:
+def universal_folder(pth: Path, info: DistInfo, names: set[str]) -> Path:
     """iter_N.universal/: DeepSpeed's universal checkpoint of iter_N.ds (each parameter's fp32 weights and Adam
     moments whole, so any number of ranks can re-shard them), written once by rank 0 through a temporary folder.
-    ds_to_universal's torch.load calls are routed through the weights-only loader."""
+    ds_to_universal's torch.load calls are routed through the weights-only loader, which also requires every
+    parameter a file names to be one of the model's `names`: the converter makes a folder per name, so a name
+    such as '..' from a hostile file must never reach it."""
     from deepspeed.checkpoint import deepspeed_checkpoint, ds_to_universal, zero_checkpoint
 
     out = pth.with_suffix(".universal")
@@ -171,7 +173,7 @@ def universal_folder(pth: Path, info: DistInfo) -> Path:
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)  # plain data parallelism: no tensor-parallel patterns
         try:
-            with safe_torch_load_in(ds_to_universal, deepspeed_checkpoint, zero_checkpoint), \
+            with safe_torch_load_in(ds_to_universal, deepspeed_checkpoint, zero_checkpoint, load=_only_names(names)), \
                     contextlib.redirect_stdout(sys.stderr):  # its progress lines
                 ds_to_universal.main(args)
         except BaseException:
@@ -180,6 +182,25 @@ def universal_folder(pth: Path, info: DistInfo) -> Path:
         os.replace(tmp, out)
     barrier()
     return out
+
+
+def _only_names(names: set[str]):
+    """deepspeed_safe_load, refusing a model-states or optimizer file that names a parameter not in `names`
+    (module state, param_shapes, ZeRO-1/2 param_slice_mappings: where ds_to_universal takes its folder names)."""
+
+    def load(path, map_location=None, **_):
+        state = deepspeed_safe_load(path, map_location)
+        if isinstance(state, dict):
+            optim = state.get("optimizer_state_dict")
+            groups = [state.get("module") or {}, *(state.get("param_shapes") or []),
+                      *((optim.get("param_slice_mappings") or []) if isinstance(optim, dict) else [])]
+            unknown = sorted({str(n) for group in groups for n in group} - names)
+            if unknown:
+                raise UserError(f"{path}: names parameters this model does not have ({', '.join(map(repr, unknown[:3]))}"
+                                f"{', ...' if len(unknown) > 3 else ''}); resume a checkpoint of this config")
+        return state
+
+    return load
 
 
 def load_resume_state(engine, pth: Path, info: DistInfo, universal: Path | None = None) -> dict:
