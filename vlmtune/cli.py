@@ -91,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streamer", action="store_true")
     p.set_defaults(target="vlmtune.chat:main")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions endpoint and a web chat page")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests generated together")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--allow-local-images", help="accept file:// image URLs inside this folder")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a generation may take")
+    p.add_argument("--model-name", help="the model id in /v1/models (default: the model folder's name)")
+    p.set_defaults(target="vlmtune.serve.app:main")
+
     p = sub.add_parser("mmbench", help="MMBench / CCBench evaluation (VLMEvalKit-compatible)")
     _add_model_args(p, model_optional=True)  # not needed with --predictions
     p.add_argument("--data-path", required=True, help="MMBench/CCBench TSV")
