@@ -21,6 +21,12 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   python -c "import vlmtune, torch, deepspeed, transformers, peft" 2>/dev/null || { echo "setup: install failed" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi
+# the serve page's browser test drives Debian's chromium through playwright's driver (no browser download)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium (apt-get) for tests/serve" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || echo "setup: chromium not installed; the serve page's browser test will be skipped" >&2
+fi
 export HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR="$ROOT/.cache/torch_extensions"
 set +euo pipefail

@@ -9,7 +9,7 @@ import pytest
 
 from vlmtune.config import CONFIG_DIR
 
-SUBCOMMANDS = ["train", "convert", "chat", "mmbench", "data", "list-cfg", "copy-cfg"]
+SUBCOMMANDS = ["train", "convert", "chat", "serve", "mmbench", "data", "list-cfg", "copy-cfg"]
 NESTED = [["convert", "pth_to_hf"], ["convert", "merge"], ["data", "check"], ["data", "prepare"], ["make-tiny"]]
 
 

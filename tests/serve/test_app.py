@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from convert.convert_helpers import IMAGE, chat_generator, checkpoint, converted  # noqa: F401
@@ -199,6 +202,43 @@ def test_api_key_and_sigterm_drain(tiny, folder):
     assert KEY not in "".join(s.lines)
 
 
-def test_browser_page():
-    pytest.skip("no headless browser here: chromium is not installed (apt-get not tried in time), and neither "
-                "playwright nor selenium is in the environment")
+CHROMIUM = shutil.which("chromium")
+ARTIFACTS = Path(os.environ.get("VLMTUNE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "work_dirs" / "test_artifacts"))
+
+
+@pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("playwright") is None,
+                    reason="needs Debian's chromium (apt-get install chromium, scripts/setup_env.sh) and playwright")
+def test_page_in_a_headless_browser(server, tmp_path):
+    """Pick an image, ask, watch the answer stream in (equal to the API's), ask again, reset; a screenshot."""
+    from playwright.sync_api import sync_playwright
+
+    want = server.post(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "What is in the image?"}]}],
+        "max_tokens": 256, "temperature": 0}).encode())[1]["choices"][0]["message"]["content"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent !== '…'")
+        assert page.text_content("#model") == server_model_name(server)
+        page.set_input_files("#file", str(IMAGE))
+        page.wait_for_selector("#preview:not([hidden])")
+        page.fill("#question", "What is in the image?")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=120_000)
+        assert page.text_content(".assistant") == want
+        page.fill("#question", "And its colour?")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll(\".assistant[data-done='1']\").length == 2", timeout=120_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+        assert len(page.query_selector_all(".turn")) == 4
+        page.click("#reset")
+        assert page.query_selector_all(".turn") == [] and page.is_hidden("#preview")
+        browser.close()
+    assert (ARTIFACTS / "serve_page.png").stat().st_size > 1000
+
+
+def server_model_name(server) -> str:
+    with urllib.request.urlopen(server.url + "/v1/models") as r:
+        return json.loads(r.read())["data"][0]["id"]
