@@ -217,13 +217,8 @@ def _launch(args, argv: list[str]) -> int | None:
         cfg = load_config(args.config, parse_cfg_options(args.cfg_options))
         check_config_paths(cfg)
         check_stage(cfg.model, args.deepspeed)
-        if args.resume:  # a global batch the new number of ranks cannot keep: one line, before torchrun
-            from vlmtune.engine.checkpoint import find_resume, resume_accumulation
-            from vlmtune.launch import launch_world_size
-
-            resume_from = find_resume(cfg.work_dir(args.work_dir), args.resume)
-            if resume_from is not None:
-                resume_accumulation(resume_from, cfg, launch_world_size())
+        if args.resume:  # a global batch the new number of ranks cannot keep, or another model: one line, before torchrun
+            _check_resume(cfg, args)
     elif args.command == "mmbench" and not args.predictions:  # re-scoring --predictions is one process
         from vlmtune.eval.mmbench import check_args
 
@@ -243,6 +238,25 @@ def _launch(args, argv: list[str]) -> int | None:
     if code is None and args.command == "train" and args.launcher == "slurm":
         setup_slurm()  # srun started this process as one rank: tell torch which
     return code
+
+
+def _check_resume(cfg, args) -> None:
+    """What `train` checks of its checkpoint on every rank, checked once before torchrun: the global batch on the
+    launch's number of ranks, and (on the model built on the meta device, in seconds; not for remote-code LLMs,
+    which only the ranks build) the trained parameters."""
+    from vlmtune.engine.checkpoint import check_trained_parameters, find_resume, resume_accumulation
+    from vlmtune.launch import launch_world_size
+
+    resume_from = find_resume(cfg.work_dir(args.work_dir), args.resume)
+    if resume_from is None:
+        return
+    resume_accumulation(resume_from, cfg, launch_world_size())
+    if not cfg.model.trust_remote_code:
+        from vlmtune.model.build import build_meta_model, resolve_dtype
+
+        model = build_meta_model(cfg.model, cfg.model.llm_name_or_path, cfg.model.visual_encoder_name_or_path,
+                                 resolve_dtype(cfg.model.torch_dtype))
+        check_trained_parameters(resume_from, model)
 
 
 def _say(line: str) -> None:

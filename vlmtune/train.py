@@ -83,6 +83,7 @@ def _train(cfg: Config, work_dir: Path, deepspeed_name: str, resume: str | None,
     resume_from = checkpoint.find_resume(work_dir, resume) if resume else None
     universal = None
     if resume_from is not None:  # the checkpoint's global batch is kept, whatever the number of ranks now
+        checkpoint.check_trained_parameters(resume_from, model)
         cfg, saved_world = checkpoint.keep_global_batch(cfg, resume_from, info.world_size, logger)
         if saved_world is not None and saved_world != info.world_size:  # ZeRO shards made for other ranks
             universal = checkpoint.universal_folder(resume_from, info, {n for n, _ in model.named_parameters()})

@@ -58,11 +58,12 @@ _XTUNER_LOGGING_GLOBALS = [
 ]
 
 
-def safe_load(path: Path, map_location="cpu", allowed: list = ()) -> dict:
-    """torch.load with weights_only=True (plus the `allowed` globals); anything needing code is refused."""
+def safe_load(path: Path, map_location="cpu", allowed: list = (), mmap: bool = False) -> dict:
+    """torch.load with weights_only=True (plus the `allowed` globals); anything needing code is refused.
+    `mmap`: tensors are mapped, not read (a look at a large checkpoint's keys, shapes or trainer state)."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load: the file contains pickled code or objects, not only weights "
                         f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None

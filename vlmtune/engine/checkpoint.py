@@ -33,7 +33,8 @@ from vlmtune.config import Config
 from vlmtune.convert import keymaps
 from vlmtune.distributed import DistInfo, barrier
 from vlmtune.errors import UserError
-from vlmtune.weights import DS_TAG, FORMAT, MODEL_STATES, deepspeed_safe_load, rename, safe_load, safe_torch_load_in
+from vlmtune.weights import (DS_TAG, FORMAT, MODEL_STATES, deepspeed_safe_load, rename, rename_either, safe_load,
+                             safe_torch_load_in)
 
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -109,7 +110,23 @@ def read_trainer_state(pth: Path) -> dict:
     """The trainer_state of a checkpoint (TrainState fields), checking its DeepSpeed folder is there."""
     if not (pth.with_suffix(".ds") / DS_TAG).is_dir():
         raise UserError(f"{pth}: its DeepSpeed folder {pth.with_suffix('.ds')} is missing, so optimizer state cannot be resumed")
-    return safe_load(pth)["trainer_state"]
+    return safe_load(pth, mmap=True)["trainer_state"]
+
+
+def check_trained_parameters(pth: Path, model: torch.nn.Module) -> None:
+    """The checkpoint trained exactly the parameters the config trains, in the same shapes. DeepSpeed's own
+    load would skip a missing one silently (its module load cannot be strict: frozen weights are not saved)
+    and fail on a shape in a traceback. Call before DeepSpeed partitions the model (ZeRO-3)."""
+    saved = {k: tuple(v.shape) for k, v in rename_either(safe_load(pth, mmap=True)["state_dict"], keymaps.XTUNER_STATE_DICT).items()}
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+    reshaped = [n for n in sorted(ours.keys() & saved.keys()) if saved[n] != ours[n]]
+    problems = ([f"{len(missing)} trained here but not in it (e.g. {missing[0]})"] if missing else []) + \
+               ([f"{len(unexpected)} in it but not trained here (e.g. {unexpected[0]})"] if unexpected else []) + \
+               [f"{len(reshaped)} of other shapes (e.g. {n}: {saved[n]} in it, {ours[n]} here)" for n in reshaped[:1]]
+    if problems:
+        raise UserError(f"--resume {pth}: it trained other parameters than this config does: {'; '.join(problems)}; "
+                        "resume with the config it was trained with")
 
 
 def saved_world_size(pth: Path) -> int | None:
