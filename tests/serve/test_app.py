@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import importlib.util
 import json
 import os
@@ -159,12 +160,13 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param):
     assert server.post(json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode())[0] == 200
 
 
-def test_load_mixed_valid_and_invalid(server):
-    """32 clients x 4 requests, every other one invalid: valid ones answer as alone, invalid ones 4xx, no 5xx."""
+def load(server) -> str:
+    """32 clients x 4 requests, every other one invalid: valid ones answer as alone, invalid ones 4xx, no 5xx;
+    p50/p95 latency and valid requests/s."""
     good = json.dumps({"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4}).encode()
     want = server.post(good)[1]["choices"][0]["message"]["content"]
 
-    def client(i: int) -> list[tuple[int, str | None]]:
+    def client(i: int) -> list[tuple]:
         out = []
         for k in range(4):
             body = good if (i + k) % 2 else BAD[(i + k) % len(BAD)][0]
@@ -180,10 +182,42 @@ def test_load_mixed_valid_and_invalid(server):
     wall = time.monotonic() - start
     assert all(code == 200 and text == want for code, text, _, ok in results if ok)
     assert all(400 <= code < 500 for code, _, _, ok in results if not ok)
+    assert sum(ok for *_, ok in results) == 64
+    health = json.loads(urllib.request.urlopen(server.url + "/health").read())
+    assert health["status"] == "ok"
     times = sorted(t for *_, t, ok in results if ok)
-    print(f"load: {len(times)} valid, p50 {times[len(times) // 2]:.2f}s p95 {times[int(len(times) * .95)]:.2f}s, "
-          f"{len(times) / wall:.1f} valid req/s")
-    assert urllib.request.urlopen(server.url + "/health").status == 200
+    return (f"p50 {times[len(times) // 2]:.3f} s, p95 {times[int(len(times) * .95)]:.3f} s, "
+            f"{len(times) / wall:.1f} valid req/s, largest batch {health['largest_batch']}")
+
+
+def test_load_mixed_valid_and_invalid_batched_vs_one(server, tiny, folder):
+    batched = load(server)
+    assert json.loads(urllib.request.urlopen(server.url + "/health").read())["largest_batch"] > 1
+    single = Server([*model_argv(tiny, folder), "--max-batch-size", "1"])
+    one = load(single)
+    assert single.close() == 0
+    print(f"\nload, 32 clients x 4 requests (half invalid): --max-batch-size 8: {batched}; --max-batch-size 1: {one}")
+
+
+def test_disconnect_cancels_and_timeout_is_an_error(tiny, folder):
+    """A streaming client that goes away stops its generation; a generation over --timeout is an error."""
+    s = Server([*model_argv(tiny, folder)[:-4], "--torch-dtype", "float32", "--device", "cpu",
+                "--max-new-tokens", "3000", "--timeout", "3"])
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000}
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert [response.readline().startswith(b"data: ") for _ in range(6)] == [True, False] * 3  # role + 2 deltas
+    conn.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 30
+    while json.loads(urllib.request.urlopen(s.url + "/health").read())["cancelled"] != 1:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
+    code, answer = s.post(json.dumps(body).encode())
+    assert code == 504 and "timed out" in answer["error"]["message"]
+    assert s.close() == 0
 
 
 def test_api_key_and_sigterm_drain(tiny, folder):

@@ -37,7 +37,7 @@ def build_app(generator, batcher: Batcher, name: str, limits: Limits, api_key: s
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name}
+        return {"status": "ok", "model": name, **batcher.stats()}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -54,7 +54,7 @@ def build_app(generator, batcher: Batcher, name: str, limits: Limits, api_key: s
         batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if parsed.stream:
-            return StreamingResponse(_events(job, head), media_type="text/event-stream")
+            return StreamingResponse(_events(job, head, request), media_type="text/event-stream")
         return await _answer(job, head, request)
 
     return app
@@ -84,16 +84,23 @@ async def _json_body(request: Request):
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
 
 
-async def _answer(job: Job, head: dict, request: Request) -> JSONResponse:
-    """Wait for the job; a client that disconnects cancels it."""
+async def _next_event(job: Job, request: Request) -> tuple | None:
+    """The job's next event, or None once the client has disconnected (checked every 0.25 s: uvicorn only
+    reports a closed connection when asked, or when a write fails)."""
     while True:
         try:
-            event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            return await asyncio.wait_for(job.events.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 job.cancelled = True
-                return JSONResponse({}, status_code=499)
-            continue
+                return None
+
+
+async def _answer(job: Job, head: dict, request: Request) -> JSONResponse:
+    """Wait for the job; a client that disconnects cancels it."""
+    while True:
+        if (event := await _next_event(job, request)) is None:
+            return JSONResponse({}, status_code=499)
         if event[0] == "done":
             _, text, reason, usage = event
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -108,7 +115,7 @@ def _generation_error(message: str) -> ApiError:
     return ApiError(400, message, "messages")
 
 
-async def _events(job: Job, head: dict):
+async def _events(job: Job, head: dict, request: Request):
     """Server-sent events: a role chunk, one chunk per new text, the finish chunk with usage, [DONE]. A closed
     connection ends this generator, which cancels the job."""
     def chunk(delta: dict, reason=None, **extra) -> str:
@@ -119,7 +126,8 @@ async def _events(job: Job, head: dict):
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            event = await job.events.get()
+            if (event := await _next_event(job, request)) is None:
+                return
             if event[0] == "delta":
                 yield chunk({"content": event[1]})
             elif event[0] == "done":

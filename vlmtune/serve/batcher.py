@@ -58,8 +58,8 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 class RowCriterion(StoppingCriteria):
     """Called by generate after each step: streams each row's new text and ends rows that are done."""
 
-    def __init__(self, generator: Generator, jobs: list[Job]):
-        self.generator, self.jobs = generator, jobs
+    def __init__(self, generator: Generator, jobs: list[Job], batcher: "Batcher"):
+        self.generator, self.jobs, self.batcher = generator, jobs, batcher
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = [self._step(job, row.tolist()) for job, row in zip(self.jobs, input_ids)]
@@ -81,6 +81,7 @@ class RowCriterion(StoppingCriteria):
             job.finish = "length"
         elif job.cancelled or time.monotonic() > job.deadline:
             job.finish = "cancelled"
+            self.batcher.cancelled += job.cancelled
         return job.finish is not None
 
 
@@ -92,7 +93,8 @@ class Batcher:
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.waiting: list[Job] = []  # taken from the queue but not batched yet (other settings), oldest first
         self.thread = threading.Thread(target=self._run, name="vlmtune-batcher", daemon=True)
-        self.batch_sizes: list[int] = []  # one entry per generate call, for tests and the bench
+        self.batch_sizes: list[int] = []  # one entry per generate call (/health reports them)
+        self.cancelled = 0  # jobs whose client went away: skipped while queued, or their row ended early
 
     def start(self) -> None:
         self.thread.start()
@@ -104,6 +106,11 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
+
+    def stats(self) -> dict:
+        """What /health reports: generate calls, the largest batch, rows cancelled by a disconnect."""
+        return {"batches": len(self.batch_sizes), "largest_batch": max(self.batch_sizes, default=0),
+                "cancelled": self.cancelled}
 
     def _run(self) -> None:
         while (batch := self._collect()) is not None:
@@ -130,6 +137,7 @@ class Batcher:
 
     def _generate(self, jobs: list[Job]) -> None:
         """One generate_ids call for the batch; every job gets ("done", text, finish, usage) or ("error", msg)."""
+        self.cancelled += sum(j.cancelled for j in jobs)  # gone while queued: never generated
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
@@ -143,7 +151,7 @@ class Batcher:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.generator.generate_ids([j.ids for j in jobs], [j.images for j in jobs],
-                                              stopping_criteria=StoppingCriteriaList([RowCriterion(self.generator, jobs)]),
+                                              stopping_criteria=StoppingCriteriaList([RowCriterion(self.generator, jobs, self)]),
                                               **kwargs)
         except (UserError, ValueError, RuntimeError) as e:  # the server keeps serving; the batch is told why
             for job in jobs:
