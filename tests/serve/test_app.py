@@ -120,6 +120,51 @@ def test_openai_client_answers_equal_chat_batch(server, tiny, folder, tmp_path, 
     assert [m.id for m in client.models.list().data] == [tiny.llm.name]
 
 
+def test_concurrent_requests_share_a_batch_and_answer_as_chat_batch(server, tiny, folder, tmp_path):
+    """Prompts of different lengths, with and without images, sent at once: left-padded in one batch, greedy
+    answers still those of `chat --batch`."""
+    records = [{"prompt": "Say something."}, {"image": "cat.jpg", "prompt": "What is in the image?"},
+               {"prompt": "Write one long sentence about the weather today."}]
+    want = chat_batch(tiny, folder, tmp_path, records)
+    image = {"type": "image_url", "image_url": {"url": DATA_URL}}
+    contents = ["Say something.", [image, {"type": "text", "text": "What is in the image?"}],
+                "Write one long sentence about the weather today."]
+    before = json.loads(urllib.request.urlopen(server.url + "/health").read())["batches"]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda c: server.post(json.dumps({"messages": [{"role": "user", "content": c}],
+                                                              "max_tokens": MAX_NEW, "temperature": 0}).encode()),
+                            contents))
+    assert [a["choices"][0]["message"]["content"] for _, a in got] == want
+    assert json.loads(urllib.request.urlopen(server.url + "/health").read())["batches"] - before < 3
+
+
+def test_seed_repeats_a_sampled_answer_and_stop_cuts(server):
+    body = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": MAX_NEW, "temperature": 1.0,
+            "seed": 7}
+    first, second = (server.post(json.dumps(body).encode())[1] for _ in range(2))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    text = first["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2:][:2]
+    cut = server.post(json.dumps({**body, "stop": [stop]}).encode())[1]["choices"][0]
+    assert (cut["message"]["content"], cut["finish_reason"]) == (text[: text.index(stop)], "stop")
+
+
+def test_body_cap_too_many_images_and_local_files(tiny, folder, server):
+    image = {"type": "image_url", "image_url": {"url": DATA_URL}}
+    code, answer = server.post(json.dumps({"messages": [{"role": "user", "content": [image] * 9}]}).encode())
+    assert (code, answer["error"]["param"]) == (400, "messages")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # a 33 MiB body announced
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(33 << 20))
+    conn.endheaders()
+    response = conn.getresponse()  # refused before the body is read
+    assert response.status == 413 and "body" in json.loads(response.read())["error"]["message"]
+    conn.close()
+    local = {"type": "image_url", "image_url": {"url": IMAGE.as_uri()}}
+    assert server.post(json.dumps({"messages": [{"role": "user", "content": [local]}]}).encode())[0] == 400
+
+
 def test_multi_turn_equals_the_generator(server, tiny, folder):
     import openai
 
@@ -202,7 +247,8 @@ def test_load_mixed_valid_and_invalid_batched_vs_one(server, tiny, folder):
 def test_disconnect_cancels_and_timeout_is_an_error(tiny, folder):
     """A streaming client that goes away stops its generation; a generation over --timeout is an error."""
     s = Server([*model_argv(tiny, folder)[:-4], "--torch-dtype", "float32", "--device", "cpu",
-                "--max-new-tokens", "3000", "--timeout", "3"])
+                "--max-new-tokens", "3000", "--timeout", "3",
+                "--allow-local-images", str(IMAGE.parent)])
     body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000}
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
@@ -215,6 +261,12 @@ def test_disconnect_cancels_and_timeout_is_an_error(tiny, folder):
     while json.loads(urllib.request.urlopen(s.url + "/health").read())["cancelled"] != 1:
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.1)
+    local = {"type": "image_url", "image_url": {"url": IMAGE.as_uri()}}  # inside --allow-local-images
+    short = {"messages": [{"role": "user", "content": [local, {"type": "text", "text": "Hi"}]}], "max_tokens": 2}
+    assert s.post(json.dumps(short).encode())[0] == 200
+    outside = {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}
+    code, answer = s.post(json.dumps({"messages": [{"role": "user", "content": [outside]}]}).encode())
+    assert (code, answer["error"]["param"]) == (400, "messages[0].content[0].image_url.url")
     code, answer = s.post(json.dumps(body).encode())
     assert code == 504 and "timed out" in answer["error"]["message"]
     assert s.close() == 0
