@@ -110,8 +110,11 @@ async def _answer(job: Job, head: dict, request: Request) -> JSONResponse:
 
 
 def _generation_error(message: str) -> ApiError:
+    """The worker's error event as an API error: timeout 504, a failure of ours 500, else the prompt's 400."""
     if message == "timeout":
         return ApiError(504, "generation timed out (--timeout)", None, "timeout")
+    if message.startswith("generation failed"):
+        return ApiError(500, message, None, "server_error")
     return ApiError(400, message, "messages")
 
 

@@ -153,22 +153,25 @@ class Batcher:
             out = self.generator.generate_ids([j.ids for j in jobs], [j.images for j in jobs],
                                               stopping_criteria=StoppingCriteriaList([RowCriterion(self.generator, jobs, self)]),
                                               **kwargs)
-        except (UserError, ValueError, RuntimeError) as e:  # the server keeps serving; the batch is told why
+        except UserError as e:  # a prompt over the context: the request's fault (wire.parse catches most first)
             for job in jobs:
                 job.emit("error", str(e))
+            return
+        except Exception as e:  # a bug or out of memory: the batch gets a 500, the worker keeps serving
+            for job in jobs:
+                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
             return
         for job, ids in zip(jobs, out):
             self._finish(job, ids, kwargs["max_new_tokens"])
 
     def _finish(self, job: Job, ids: list[int], max_new: int) -> None:
-        """The job's final text (stop strings cut), finish_reason and usage."""
-        text, stopped = cut_at_stop(self.generator.decode(ids), job.stop)
-        reason = job.finish if job.finish in ("stop", "length") else "stop"
-        if job.finish is None:
-            reason = "length" if len(ids) >= min(job.max_tokens, max_new) and not stopped else "stop"
-        if job.finish == "cancelled" and not job.cancelled:
-            job.emit("error", "timeout")
+        """The job's final text (stop strings cut), finish_reason and usage; a timeout is an error event."""
+        if job.finish == "cancelled":
+            if not job.cancelled:  # the deadline, not a disconnect (nobody is listening then)
+                job.emit("error", "timeout")
             return
+        text, stopped = cut_at_stop(self.generator.decode(ids), job.stop)
+        reason = job.finish or ("length" if len(ids) >= min(job.max_tokens, max_new) and not stopped else "stop")
         prompt = self.generator.expanded_length(job.ids, [self.generator.image_length] * len(job.images))
         usage = {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
         job.emit("done", text, reason, usage)
