@@ -279,12 +279,15 @@ def test_api_key_and_sigterm_drain(tiny, folder):
     assert s.post(body, key="wrong")[0] == 401
     assert urllib.request.urlopen(s.url + "/").status == 200  # the page and /health are open
     assert "<script>" in urllib.request.urlopen(s.url + "/").read().decode()
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(s.post, body, KEY)
-        time.sleep(0.05)
-        code = s.close()
-        assert pending.result()[0] == 200
-    assert code == 0
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)  # a streamed answer in flight ...
+    conn.request("POST", "/v1/chat/completions", json.dumps({**json.loads(body), "stream": True, "max_tokens": MAX_NEW}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    s.proc.send_signal(signal.SIGTERM)  # ... when SIGTERM comes: it is finished, then the server exits 0
+    rest = response.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "' in rest
+    assert s.proc.wait(timeout=60) == 0
     assert KEY not in "".join(s.lines)
 
 
