@@ -195,6 +195,10 @@ BAD = [  # (body, status, param)
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}).encode(),
      400, "messages[0].content[0].image_url.url"),
     (json.dumps({"messages": [{"role": "user", "content": "x " * 5000}]}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+                              {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}]}]}).encode(),
+     400, "messages[2].content[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": "<image> hi"}]}).encode(), 400, "messages[0].content"),
 ]
 
 

@@ -91,7 +91,10 @@ def _conversation(messages, limits: Limits) -> tuple[list[tuple[str, str | None]
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
         role = message["role"]
-        text, found = _content(message.get("content"), where, limits, allow_images=role == "user" and not turns and user is None)
+        first_user = role == "user" and not turns and user is None
+        text, found = _content(message.get("content"), where, limits, allow_images=first_user)
+        if not first_user:  # image slots belong to the first user message only, as in chat
+            text = text.replace(DEFAULT_IMAGE_TOKEN, "")
         if role == "system":
             if i:
                 raise ApiError(400, f"{where}: a system message must come first", f"{where}.role")
@@ -99,7 +102,7 @@ def _conversation(messages, limits: Limits) -> tuple[list[tuple[str, str | None]
         elif role == "user":
             if user is not None:
                 raise ApiError(400, f"{where}: two user messages in a row", f"{where}.role")
-            user, images = (text, found) if not turns else (text, images)
+            user, images = text, (found if not turns else images)
         else:
             if user is None:
                 raise ApiError(400, f"{where}: an assistant message must follow a user message", f"{where}.role")
