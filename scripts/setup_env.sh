@@ -24,7 +24,9 @@ fi
 # the serve page's browser test drives Debian's chromium through playwright's driver (no browser download)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "setup: installing chromium (apt-get) for tests/serve" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } \
     || echo "setup: chromium not installed; the serve page's browser test will be skipped" >&2
 fi
 export HF_HUB_OFFLINE=1

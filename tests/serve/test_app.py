@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import importlib.util
 import json
 import os
@@ -26,6 +27,17 @@ from vlmtune.cli import main as cli_main
 MAX_NEW = 8
 KEY = "sk-test-7d1c0ffee"
 DATA_URL = "data:image/jpeg;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+
+
+def _png_url(width: int, height: int) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+BIG_URL = _png_url(4097, 4096)  # one row over the default --max-image-pixels (4096 x 4096); a few KB as PNG
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +211,9 @@ BAD = [  # (body, status, param)
                               {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}]}]}).encode(),
      400, "messages[2].content[0]"),
     (json.dumps({"messages": [{"role": "user", "content": "<image> hi"}]}).encode(), 400, "messages[0].content"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_NEW + 1}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": BIG_URL}}]}]}).encode(),
+     400, "messages[0].content[0].image_url.url"),
 ]
 
 
@@ -307,13 +322,14 @@ def test_page_in_a_headless_browser(server, tmp_path):
 
     want = server.post(json.dumps({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": DATA_URL}}, {"type": "text", "text": "What is in the image?"}]}],
-        "max_tokens": 256, "temperature": 0}).encode())[1]["choices"][0]["message"]["content"]
+        "max_tokens": MAX_NEW, "temperature": 0}).encode())[1]["choices"][0]["message"]["content"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('model').textContent !== '…'")
         assert page.text_content("#model") == server_model_name(server)
+        assert page.input_value("#max_tokens") == str(MAX_NEW)  # the page's 256, lowered to the server's cap
         page.set_input_files("#file", str(IMAGE))
         page.wait_for_selector("#preview:not([hidden])")
         page.fill("#question", "What is in the image?")

@@ -192,7 +192,9 @@ def _max_tokens(body: dict, limits: Limits) -> int:
         return limits.max_tokens
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(400, f"'{name}' must be a positive integer", name)
-    return min(value, limits.max_tokens)
+    if value > limits.max_tokens:  # refused, never lowered without a word
+        raise ApiError(400, f"'{name}' {value} is over this server's --max-new-tokens {limits.max_tokens}", name)
+    return value
 
 
 def _seed(body: dict) -> int | None:
